@@ -1,0 +1,1 @@
+"""Dataset ingestion, layouts, the leak-free split and the procedural demo set."""
