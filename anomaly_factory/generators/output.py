@@ -1,0 +1,78 @@
+"""The one output format of every generator: pair files plus a pairs manifest.
+
+Each pair is written as ``images/<key>.png``, ``masks/<key>.png``,
+``normals/<key>.png`` and finally ``records/<key>.json`` (atomically, last), so
+a pair exists exactly when its record does. A re-run skips keys whose record
+exists; the manifest (``pairs.parquet``) is rebuilt from the records, sorted by
+key, so an interrupted and resumed run gives the same bytes as an uninterrupted
+one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly_factory.io import atomic_write_json, save_png
+from anomaly_factory.manifest import PAIR_COLUMNS, write_pairs
+
+PAIRS_FILE = "pairs.parquet"
+
+
+def pair_key(dataset: str, category: str, anomaly_type: str, index: int) -> str:
+    """A webdataset-safe key (no dots): ``<dataset>-<category>-<type>-<index:06d>``."""
+    parts = [dataset, category, anomaly_type]
+    safe = ["".join(ch if ch.isalnum() or ch == "_" else "_" for ch in p) for p in parts]
+    return "-".join([*safe, f"{index:06d}"])
+
+
+def record_path(out_dir: Path, key: str) -> Path:
+    return Path(out_dir) / "records" / f"{key}.json"
+
+
+def is_done(out_dir: Path, key: str) -> bool:
+    return record_path(out_dir, key).exists()
+
+
+def save_pair(
+    out_dir: Path,
+    key: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    normal: np.ndarray,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one pair's files and its record (last). Returns the manifest row.
+
+    ``mask`` may be bool or uint8; it is saved as 0/255 single-channel PNG.
+    ``metadata`` must hold the non-path PAIR_COLUMNS (seed, sigma, w_m, ...).
+    """
+    out_dir = Path(out_dir)
+    mask_u8 = (np.asarray(mask) > 0).astype(np.uint8) * 255
+    row = dict(metadata)
+    row["key"] = key
+    row["image_path"] = str(save_png(out_dir / "images" / f"{key}.png", image))
+    row["mask_path"] = str(save_png(out_dir / "masks" / f"{key}.png", mask_u8))
+    row["normal_path"] = str(save_png(out_dir / "normals" / f"{key}.png", normal))
+    missing = [c for c in PAIR_COLUMNS if c not in row]
+    if missing:
+        raise ValueError(f"pair {key}: metadata lacks {missing}")
+    atomic_write_json(record_path(out_dir, key), row)
+    return row
+
+
+def collect_pairs(out_dir: Path) -> pd.DataFrame:
+    """All finished pairs of a folder, sorted by key."""
+    rows = [json.loads(p.read_text()) for p in sorted((Path(out_dir) / "records").glob("*.json"))]
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in PAIR_COLUMNS.items()})
+    return pd.DataFrame(rows).sort_values("key").reset_index(drop=True)
+
+
+def write_pairs_manifest(out_dir: Path) -> Path:
+    """Rebuild ``out_dir/pairs.parquet`` from the records."""
+    return write_pairs(collect_pairs(out_dir), Path(out_dir) / PAIRS_FILE)
