@@ -10,13 +10,20 @@ import pandas as pd
 from anomaly_factory.config import DemoSection
 from anomaly_factory.datasets.demo import build_demo
 from anomaly_factory.datasets.layouts import READERS
-from anomaly_factory.datasets.sources import materialize
+from anomaly_factory.datasets.sources import find_root, materialize
 from anomaly_factory.datasets.split import assign_splits, check_no_leak
 from anomaly_factory.datasets.validate import BadInputError, Problem, inspect_files
 from anomaly_factory.io import atomic_path
 from anomaly_factory.manifest import IMAGE_COLUMNS, validate_images, write_images
 
 DATASETS = tuple(READERS)
+# What the dataset root holds; archives often wrap it in one extra folder.
+ROOT_MARKERS = {
+    "mvtec_ad": "*/train/good",
+    "demo": "*/train/good",
+    "visa": "split_csv/1cls.csv",
+    "mvtec_3d_ad": "*/train/good/rgb",
+}
 
 
 @dataclass
@@ -68,11 +75,14 @@ def ingest(
         )
     else:
         folder = materialize(dataset, source, root, sha256, show_progress)
-    raw = READERS[dataset](folder, categories)
+    folder = find_root(folder, ROOT_MARKERS[dataset])
+    raw = READERS[dataset](folder)
     if categories:
         unknown = sorted(set(categories) - set(raw["category"]))
         if unknown:
-            raise ValueError(f"categories: {unknown} not found in {folder}")
+            found = sorted(set(raw["category"]))
+            raise ValueError(f"categories: {unknown} not found in {folder} (found {found})")
+        raw = raw[raw["category"].isin(categories)].reset_index(drop=True)
     inspected, problems = inspect_files(raw)
     quarantine = None
     if problems:

@@ -170,6 +170,9 @@ def _member_filter(target: Path):
     def check(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
         if member.isdev():
             raise UnsafeArchiveMember(f"archive member {member.name!r}: device files are refused")
+        if os.path.isabs(member.name) or member.name.startswith(("/", "\\")):
+            # the data filter would silently strip the slash; a dataset never needs it
+            raise UnsafeArchiveMember(f"archive member {member.name!r}: absolute paths are refused")
         try:
             return tarfile.data_filter(member, path)
         except tarfile.FilterError as exc:
