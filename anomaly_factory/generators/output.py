@@ -76,3 +76,14 @@ def collect_pairs(out_dir: Path) -> pd.DataFrame:
 def write_pairs_manifest(out_dir: Path) -> Path:
     """Rebuild ``out_dir/pairs.parquet`` from the records."""
     return write_pairs(collect_pairs(out_dir), Path(out_dir) / PAIRS_FILE)
+
+
+def merge_pairs(parts: list[Path], out_path: Path) -> Path:
+    """Concatenate per-type pairs manifests into one version manifest, sorted by key."""
+    from anomaly_factory.manifest import read_pairs
+
+    frames = [read_pairs(p) for p in parts]
+    if not frames:
+        raise ValueError(f"{out_path}: no pairs manifests to merge")
+    merged = pd.concat(frames, ignore_index=True).sort_values("key").reset_index(drop=True)
+    return write_pairs(merged, out_path)

@@ -1,0 +1,91 @@
+"""Sending GPU stages to the CUDA work pool and waiting for them, with heartbeats.
+
+A GPU stage runs as a deployed flow on a process work pool (one worker per GPU).
+``run_deployment`` creates the run; we then poll it ourselves because a worker
+that dies takes its flow run with it and leaves the run ``Running`` forever.
+The GPU flow sets a Prefect Variable as a heartbeat; when it goes stale the
+run is marked crashed and the task retries, creating a new run that resumes
+from the files the dead one finished.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.states import Crashed
+from prefect.variables import Variable
+
+from tasks.common import CACHE, config_from
+
+GPU_CONCURRENCY = "gpu"  # global concurrency limit bounding GPU stages in flight
+POLL_S = 2.0
+
+
+def heartbeat_name(flow_run_id: Any) -> str:
+    return f"heartbeat-{flow_run_id}"
+
+
+class StageCrashed(RuntimeError):
+    """A GPU stage's run died (worker gone, heartbeat stale) or failed."""
+
+
+def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> None:
+    logger = get_run_logger()
+    created = time.time()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            if state is not None and state.is_final():
+                if state.is_completed():
+                    return
+                raise StageCrashed(f"GPU stage run {run.name} ended {state.name}: {state.message}")
+            if state is not None and state.is_running():
+                beat = Variable.get(heartbeat_name(flow_run_id), default=None)
+                started = run.start_time.timestamp() if run.start_time else created
+                last = float(beat) if beat is not None else started
+                if time.time() - last > heartbeat_timeout:
+                    client.set_flow_run_state(
+                        flow_run_id, Crashed(message="heartbeat lost: worker gone"), force=True
+                    )
+                    raise StageCrashed(
+                        f"GPU stage run {run.name}: no heartbeat for {heartbeat_timeout:.0f}s"
+                    )
+            elif time.time() - created > start_timeout:
+                client.set_flow_run_state(
+                    flow_run_id, Crashed(message="never started: no worker"), force=True
+                )
+                raise StageCrashed(f"GPU stage run {run.name}: no worker picked it up")
+            logger.debug("waiting for %s (%s)", run.name, state.name if state else "?")
+            time.sleep(POLL_S)
+
+
+@task(name="gpu-stage", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=3)
+def dispatch_gpu_stage(
+    cfg_json: dict[str, Any], stage: str, category: str, anomaly_types: list[str],
+    manifest: str, version: str, root: str, code: str, pairs: str | None = None,
+) -> list[str]:
+    """Run one GPU stage for one category, in-process or on the work pool."""
+    from flows.gpu_stage import gpu_stage, stage_outputs
+
+    cfg = config_from(cfg_json)
+    params = dict(cfg_json=cfg_json, stage=stage, category=category,
+                  anomaly_types=anomaly_types, manifest=manifest, version=version,
+                  root=root, code=code, pairs=pairs)
+    if cfg.orchestration.dispatch == "local":
+        return gpu_stage(**params)
+    orch = cfg.orchestration
+    with concurrency(GPU_CONCURRENCY, occupy=1):
+        run = run_deployment(orch.gpu_deployment, parameters=params, timeout=0,
+                             flow_run_name=f"{stage}-{category}", tags=["gpu", stage])
+        get_run_logger().info("dispatched %s for %s to pool %s", run.name, category, orch.work_pool)
+        try:
+            _wait(run.id, orch.heartbeat_timeout_s, orch.start_timeout_s)
+        finally:
+            Variable.unset(heartbeat_name(run.id))
+    return stage_outputs(cfg, stage, category, anomaly_types, version, root)
