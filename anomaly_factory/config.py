@@ -77,16 +77,34 @@ class SplitSection(Section):
 class TinyModelSection(Section):
     """Shapes of the small inpainting model built from configs for CPU runs."""
 
-    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
-    vae_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
+    vae_channels: list[PositiveInt] = Field(
+        default_factory=lambda: [16, 32, 32],
+        description="One block per entry; the latent is 2^(n-1) times smaller than the image",
+    )
     latent_channels: Literal[4] = 4
+    vae_layers_per_block: PositiveInt = 1
+    unet_layers_per_block: PositiveInt = 1
+    attention_head_dim: PositiveInt = 8
+    norm_num_groups: PositiveInt = Field(default=8, description="Must divide every channel count")
     text_hidden_size: PositiveInt = 64
     text_layers: PositiveInt = 2
+    text_heads: PositiveInt = 2
     cross_attention_dim: PositiveInt = 64
+    vocab_words: list[str] = Field(
+        default_factory=list,
+        description="Extra whole-word tokens; the prompt's words are always in the vocabulary",
+    )
+    seed: int = 0
     pretrain_vae_steps: Annotated[int, Field(ge=0)] = 200
     pretrain_unet_steps: Annotated[int, Field(ge=0)] = 300
     pretrain_lr: Positive = 1e-3
     pretrain_batch_size: PositiveInt = 8
+    pretrain_kl_weight: NonNegative = 1e-6
+    pretrain_prompt: str = Field(default="", description="Prompt of the inpainting pretraining")
+    pretrain_mask_max: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5, description="Largest side of a random pretraining mask, as an image fraction"
+    )
 
 
 class ModelSection(Section):
@@ -125,17 +143,33 @@ class FinetuneSection(Section):
     save: Literal["unet", "lora"] = "unet"
     lora_rank: PositiveInt = 8
     checkpoint_every: PositiveInt = 20
+    keep_train_state: bool = Field(
+        default=False, description="Keep optimizer/RNG state after the last step (to extend later)"
+    )
+    gradient_checkpointing: bool = False
+    log_every: PositiveInt = 10
     seed: int = 0
     gpp: GPPSection = Field(default_factory=GPPSection)
     out_dir: Path = Path("data/checkpoints")
 
 
 class MaskGeneratorSection(Section):
+    """Small DDPM over a type's few-shot masks (MAGIC §3.1; generators/magic/masks.py)."""
+
     resolution: PositiveInt = 32
     steps: PositiveInt = 200
     sample_steps: PositiveInt = 25
     threshold: Fraction = 0.5
     lr: Positive = 1e-3
+    batch_size: PositiveInt = Field(default=16, description="Training batch and sampling chunk")
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    norm_num_groups: PositiveInt = 8
+    train_timesteps: PositiveInt = 1000
+    augment_flip: bool = True
+    augment_rot90: bool = True
+    augment_shift: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        default=0.25, description="Largest random shift, as a fraction of the mask side"
+    )
 
 
 class MasksSection(Section):
@@ -154,10 +188,36 @@ class CamaSection(Section):
     """Context-aware mask alignment (MAGIC §3.4)."""
 
     enabled: bool = True
-    foreground: str = "border_color"
-    foreground_model: str | None = None
-    features: str = "gradient"
+    foreground: Literal["border_color", "otsu", "grabcut", "model"] = Field(
+        default="border_color",
+        description="Weight-free method, or 'model' (U²-Net-like, see foreground_model)",
+    )
+    foreground_model: str | None = Field(
+        default=None, description="Local TorchScript file, or HF id / folder (foreground: model)"
+    )
+    foreground_resolution: PositiveInt = Field(
+        default=256, description="Long side the foreground is computed at"
+    )
+    foreground_min_ratio: Fraction = Field(
+        default=0.01, description="An object foreground covering less is reported 'empty'"
+    )
+    foreground_max_ratio: Fraction = Field(
+        default=0.95, description="An object foreground covering more is reported 'full'"
+    )
+    trust_remote_code: bool = False
+    features: Literal["gradient", "dinov2"] = "gradient"
     features_model: str = "facebook/dinov2-small"
+    features_resolution: PositiveInt = Field(
+        default=128, description="Long side the dense features are computed at"
+    )
+    grid_stride: PositiveInt = Field(default=4, description="Pixels per cell (gradient features)")
+    min_inside: Fraction = Field(
+        default=0.95, description="Least fraction of a moved component on the foreground"
+    )
+    inpaint_reference: bool = Field(
+        default=True, description="Read keypoint features with the defect inpainted away"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     texture_categories: list[str] = Field(
         default_factory=lambda: [
             "carpet",
@@ -222,58 +282,217 @@ class GenerateSection(Section):
     out_dir: Path = Path("data/pairs")
 
 
+# --------------------------------------------------------------------------- AnomalyControl
+class TinyBlip2Section(Section):
+    """Shapes of the small random BLIP-2 built from a config for CPU runs."""
+
+    hidden_size: PositiveInt = 32
+    layers: PositiveInt = 2
+    heads: PositiveInt = 2
+    image_size: PositiveInt = 32
+    patch_size: PositiveInt = 4
+    num_query_tokens: PositiveInt = 8
+    initializer_range: Positive = Field(
+        default=0.2, description="Weight std; BLIP-2's 0.02 leaves a random model's attention flat"
+    )
+
+
+class Blip2Section(Section):
+    """The frozen vision-language model of CSM (AnomalyControl §3.1)."""
+
+    pretrained: str = Field(
+        default="tiny",
+        description="'tiny' (random, from config) or a Hugging Face id / local folder",
+    )
+    seed: int = 0
+    tiny: TinyBlip2Section = Field(default_factory=TinyBlip2Section)
+
+
+class ASEASection(Section):
+    """Anomaly-semantic enhanced attention (AnomalyControl §3.2)."""
+
+    enabled: bool = True
+    steps: PositiveInt = Field(default=5, description="Adam steps (public code 5; paper Tg = 3)")
+    lr: Positive = 0.1
+    cache: bool = True
+
+
+class AdapterSection(Section):
+    """Training of the semantic guided adapter (AnomalyControl §3.3); only it trains."""
+
+    lr: Positive = 1e-4
+    weight_decay: NonNegative = 1e-2
+    grad_clip: Positive = 1.0
+    steps: PositiveInt = 40
+    batch_size: PositiveInt = 4
+    drop_text: Fraction = 0.05
+    drop_image: Fraction = 0.05
+    drop_both: Fraction = 0.05
+    scope: Literal["category", "all"] = Field(
+        default="category", description="Few-shot images of the target category, or of all"
+    )
+    checkpoint_every: PositiveInt = 20
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_drops(self) -> AdapterSection:
+        total = self.drop_text + self.drop_image + self.drop_both
+        if total > 1:
+            raise ValueError(f"anomalycontrol.adapter: drop probabilities sum to {total} > 1")
+        return self
+
+
+class AnomalyControlSection(Section):
+    """AnomalyControl (arXiv 2412.06510): CSM + ASEA + SGA on MAGIC's inpainting backbone."""
+
+    blip2: Blip2Section = Field(default_factory=Blip2Section)
+    n_tokens: PositiveInt = Field(default=4, description="Semantic condition tokens")
+    text_template: str = Field(
+        default="a photo of a {category} with a {anomaly_type} defect",
+        description="Reference text when none is given; {category} and {anomaly_type} filled in",
+    )
+    asea: ASEASection = Field(default_factory=ASEASection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    scale: NonNegative = Field(default=1.0, description="lambda of Attn(text) + lambda Attn(sem)")
+    strength: Annotated[float, Field(gt=0, le=1)] = 0.7
+    steps: PositiveInt = 20
+    guidance_scale: Positive = 7.0
+    batch_size: PositiveInt = 4
+    seed: int = 0
+    cache_dir: Path = Path("data/models/anomalycontrol")
+    out_dir: Path = Path("data/checkpoints/anomalycontrol")
+
+
 # --------------------------------------------------------------------------- gates
 class KIDSection(Section):
+    """Kernel Inception Distance (CONTEXT §3): features, subsets, real reference set."""
+
     extractor: str = Field(
         default="pixel_stats",
         description="'inception' (torch-fidelity weights), 'module:<path>' or an offline name",
     )
-    weights: Path | None = None
-    resolution: PositiveInt = 299
+    weights: Path | None = Field(
+        default=None, description="Local weights file; None looks in the torch hub cache"
+    )
+    resolution: PositiveInt = Field(
+        default=299, description="Input size for module: extractors (inception resizes itself)"
+    )
     subset_size: PositiveInt = 10
     subsets: PositiveInt = 10
+    real_split: Literal["all", "fewshot", "test"] = Field(
+        default="all", description="Real anomaly images KID compares with (papers: all of the type)"
+    )
+    seed: int = Field(default=0, description="Seeds subset sampling and random-init extractors")
 
 
 class LPIPSSection(Section):
+    """IC-LPIPS diversity (CONTEXT §3): the lpips network and the cluster cap."""
+
     net: Literal["vgg", "alex", "squeeze"] = "alex"
-    pretrained: bool = False
-    weights: Path | None = None
+    pretrained: bool = Field(default=False, description="ImageNet trunk weights (never downloaded)")
+    weights: Path | None = Field(
+        default=None, description="torchvision trunk weights file; None looks in the torch hub cache"
+    )
     resolution: PositiveInt = 64
     max_per_cluster: PositiveInt = 50
+    seed: int = Field(default=0, description="Seeds the random trunk when pretrained is false")
 
 
 class GatesSection(Section):
+    """Quality gates a generated version must pass before it is publishable."""
+
     kid_max: Positive | None = None
     ic_lpips_min: NonNegative | None = None
     mask_area_min: Fraction = 0.0005
     mask_area_max: Fraction = 0.5
+    required_metadata: list[str] | None = Field(
+        default=None, description="Pair columns that must be non-null; None = all PAIR_COLUMNS"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_samples: PositiveInt = Field(default=4, description="Sample rows per type in report")
     kid: KIDSection = Field(default_factory=KIDSection)
     lpips: LPIPSSection = Field(default_factory=LPIPSSection)
     out_dir: Path = Path("data/reports")
 
 
 # --------------------------------------------------------------------------- detector
+class PerlinSection(Section):
+    """DRAEM-style Perlin-noise anomalies (Zavrtanik et al. 2021, §3.1.1): a thresholded
+    Perlin mask filled with another image's augmented texture."""
+
+    blend_min: Fraction = Field(default=0.2, description="Lower bound of the blend factor beta")
+    blend_max: Fraction = Field(default=1.0, description="Upper bound of the blend factor beta")
+    texture_dir: Path | None = Field(
+        default=None, description="Texture images (e.g. DTD); None uses other categories' normals"
+    )
+    max_tries: PositiveInt = 10
+
+
+class CutPasteSection(Section):
+    """CutPaste anomalies (Li et al. 2021, §3.1): a jittered patch pasted elsewhere."""
+
+    area_min: Fraction = 0.02
+    area_max: Fraction = 0.15
+    aspect_max: Annotated[float, Field(ge=1)] = Field(
+        default=3.3, description="Aspect ratio is log-uniform in [1/aspect_max, aspect_max]"
+    )
+    rotation_deg: Annotated[float, Field(ge=0, le=180)] = Field(
+        default=45.0, description="Patch rotation range +/- degrees; 0 disables"
+    )
+    jitter: Fraction = Field(default=0.1, description="Brightness/contrast/saturation jitter")
+
+
+class BaselinesSection(Section):
+    """Settings of the baseline generators (``generator: perlin | cutpaste``)."""
+
+    perlin: PerlinSection = Field(default_factory=PerlinSection)
+    cutpaste: CutPasteSection = Field(default_factory=CutPasteSection)
+
+
 class DetectorSection(Section):
+    """Downstream detectors trained on the pairs and scored on the real test split (CONTEXT §3)."""
+
     enabled: bool = True
     resolution: PositiveInt = 64
+    base_width: PositiveInt = Field(
+        default=16, description="Width of DRAEM's discriminative network (64 in DRAEM)"
+    )
     epochs: PositiveInt = 3
-    batch_size: PositiveInt = 8
+    batch_size: Annotated[int, Field(ge=2)] = 8
     lr: Positive = 1e-4
+    focal_gamma: NonNegative = 2.0
     seed: int = 0
     selection: Literal["fixed_schedule", "validation"] = "fixed_schedule"
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.2, description="Share of train normals and pairs held out when selection=validation"
+    )
+    score_pool: PositiveInt = Field(
+        default=21, description="Image score = max of the map after this k x k average pooling"
+    )
+    aupro_fpr_limit: Annotated[float, Field(gt=0, le=1)] = 0.3
     classifier_epochs: PositiveInt = 3
+    classifier_lr: Positive = 1e-3
     classifier_weights: Path | None = None
     reference_model: Literal["patchcore", "padim", "none"] = "padim"
+    reference_backbone: str = "resnet18"
     reference_pre_trained: bool = False
     baselines: list[Literal["perlin", "cutpaste", "none"]] = Field(
         default_factory=lambda: ["perlin", "cutpaste", "none"]
     )
+    out_dir: Path = Path("data/detectors")
 
 
 # --------------------------------------------------------------------------- publishing
 class ShardsSection(Section):
-    maxcount: PositiveInt = 1000
-    maxsize: PositiveInt = 1 << 30
+    """webdataset shards: one shard set per (dataset, category) under ``out_dir/<version>``."""
+
+    maxcount: PositiveInt = Field(default=1000, description="Samples per shard at most")
+    maxsize: PositiveInt = Field(
+        default=1 << 30, description="Bytes per shard; a shard closes once it reaches this"
+    )
+    val_fraction: Fraction = Field(
+        default=0.1, description="Pairs assigned to the 'val' split, by a hash of their key"
+    )
     out_dir: Path = Path("data/shards")
 
 
@@ -284,18 +503,39 @@ class PublishSection(Section):
     version: str | None = None
     multipart_threshold: PositiveInt = 8 << 20
     multipart_chunksize: PositiveInt = 8 << 20
-    max_attempts: PositiveInt = 5
-    dvc: bool = False
-    git_tag: bool = False
+    max_attempts: PositiveInt = Field(
+        default=5, description="Attempts per request (botocore) and per object (upload loop)"
+    )
+    retry_backoff_s: NonNegative = Field(
+        default=1.0, description="First wait between object attempts; doubles each time"
+    )
+    dvc: bool = Field(default=False, description="publish also runs dvc add/commit + dvc push")
+    dvc_remote: str | None = Field(default=None, description="DVC remote name; None = default")
+    git_tag: bool = Field(default=False, description="publish also commits the .dvc file + tags")
 
 
 class OrchestrationSection(Section):
-    work_pool: str = "cuda"
-    gpu_deployment: str = "gpu-stage/gpu-stage"
-    dispatch: Literal["local", "work_pool"] = "local"
+    """Prefect: where GPU stages run, retries, caching, schedules."""
+
+    work_pool: str = Field(default="cuda", description="Process pool of GPU workers")
+    factory_work_pool: str = Field(
+        default="factory", description="Pool running scheduled factory flows (CPU is enough)"
+    )
+    gpu_deployment: str = Field(
+        default="gpu-stage/gpu-stage", description="<flow name>/<deployment name> of GPU stages"
+    )
+    dispatch: Literal["local", "work_pool"] = Field(
+        default="local", description="local: in-process; work_pool: run_deployment to workers"
+    )
     gpu_concurrency_limit: PositiveInt = 1
     retries: Annotated[int, Field(ge=0)] = 2
     retry_delay_s: NonNegative = 5
+    heartbeat_timeout_s: Positive = Field(
+        default=60, description="A GPU run silent this long is marked crashed and retried"
+    )
+    start_timeout_s: Positive = Field(
+        default=3600, description="A GPU run no worker picks up in this time is abandoned"
+    )
     cache: bool = True
     schedule_cron: str = "0 3 * * 0"
 
@@ -314,8 +554,10 @@ class FactoryConfig(Section):
     masks: MasksSection = Field(default_factory=MasksSection)
     cama: CamaSection = Field(default_factory=CamaSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
+    anomalycontrol: AnomalyControlSection = Field(default_factory=AnomalyControlSection)
     gates: GatesSection = Field(default_factory=GatesSection)
     detector: DetectorSection = Field(default_factory=DetectorSection)
+    baselines: BaselinesSection = Field(default_factory=BaselinesSection)
     shards: ShardsSection = Field(default_factory=ShardsSection)
     publish: PublishSection = Field(default_factory=PublishSection)
     orchestration: OrchestrationSection = Field(default_factory=OrchestrationSection)
