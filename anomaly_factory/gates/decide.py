@@ -1,0 +1,75 @@
+"""Gate decisions: per anomaly type and per version, each pass/fail with reasons.
+
+A version is publishable only when every type passes every check. A failure is
+recorded, never acted on destructively: all produced files stay where they are,
+and the other types' results are kept in ``gates.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly_factory.gates.expectations import CheckOutcome
+from anomaly_factory.io import atomic_write_json
+
+GATES_FILE = "gates.json"
+ALL_TYPES = "*"  # reason key of a failure that no single type explains
+
+
+@dataclass
+class TypeGate:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    publishable: bool
+    types: dict[str, TypeGate]
+    version_reasons: list[str] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    data_docs: str | None = None
+    out_dir: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every gate passed, 1 otherwise (CI fails on a failed gate)."""
+        return 0 if self.passed else 1
+
+
+def decide(
+    type_ids: list[str], checks: list[CheckOutcome], data_docs: Path | None = None
+) -> GateResult:
+    """Fold expectation outcomes into per-type and per-version decisions."""
+    types = {t: TypeGate(passed=True) for t in type_ids}
+    version_reasons: list[str] = []
+    for check in checks:
+        for t, reason in check.failed_types.items():
+            if t in types:
+                types[t].passed = False
+                types[t].reasons.append(reason)
+            else:
+                version_reasons.append(reason if t == ALL_TYPES else f"{t}: {reason}")
+        if not check.success and not check.failed_types:
+            version_reasons.append(f"{check.check}: failed")
+    if not type_ids:
+        version_reasons.append("no anomaly types to gate (empty pairs manifest?)")
+    passed = all(g.passed for g in types.values()) and not version_reasons
+    return GateResult(
+        passed=passed,
+        publishable=passed,
+        types=types,
+        version_reasons=version_reasons,
+        checks=[asdict(c) for c in checks],
+        data_docs=str(data_docs) if data_docs else None,
+    )
+
+
+def write_gates(result: GateResult, out_dir: Path) -> Path:
+    return atomic_write_json(Path(out_dir) / GATES_FILE, result.as_dict())
