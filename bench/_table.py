@@ -34,8 +34,11 @@ def report(name: str, rows: list[dict[str, Any]], out: Path | None = None, **ext
         print(" | ".join(_cell(r.get(c)).ljust(fmt[c]) for c in cols))
     out = out or Path("bench/results") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": name, "machine": machine(), "rows": rows, **extra},
-                              indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {"bench": name, "machine": machine(), "rows": rows, **extra}, indent=2, default=str
+        )
+    )
     print(f"\nwrote {out}")
     return out
 

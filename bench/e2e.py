@@ -49,15 +49,17 @@ def main() -> None:
         peak = max(peak, tree_rss(ps))
         time.sleep(0.5)
     wall = time.perf_counter() - start
-    rows = [{
-        "run": "anomaly-factory run (tiny, demo, ephemeral Prefect)",
-        "exit_code": proc.returncode,
-        "wall_s": round(wall, 1),
-        "peak_rss_tree_gb": round(peak / 2**30, 3),
-        "target_s": TARGET_S,
-        "target_gb": TARGET_GB,
-        "within_target": wall <= TARGET_S and peak / 2**30 <= TARGET_GB,
-    }]
+    rows = [
+        {
+            "run": "anomaly-factory run (tiny, demo, ephemeral Prefect)",
+            "exit_code": proc.returncode,
+            "wall_s": round(wall, 1),
+            "peak_rss_tree_gb": round(peak / 2**30, 3),
+            "target_s": TARGET_S,
+            "target_gb": TARGET_GB,
+            "within_target": wall <= TARGET_S and peak / 2**30 <= TARGET_GB,
+        }
+    ]
     report("e2e", rows)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -21,10 +22,8 @@ def ensure_pool_and_limit(cfg: FactoryConfig) -> None:
             try:
                 client.read_work_pool(pool)
             except ObjectNotFound:
-                try:
+                with contextlib.suppress(ObjectAlreadyExists):
                     client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-                except ObjectAlreadyExists:
-                    pass
         try:
             client.read_global_concurrency_limit_by_name(GPU_CONCURRENCY)
         except ObjectNotFound:
@@ -43,12 +42,18 @@ def register_deployments(
     ensure_pool_and_limit(cfg)
     pool = cfg.orchestration.work_pool
     gpu = gpu_stage.to_deployment(
-        name="gpu-stage", work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
-        tags=["gpu"], description="GPU stages (finetune, generate, detectors) of one category",
+        name="gpu-stage",
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["gpu"],
+        description="GPU stages (finetune, generate, detectors) of one category",
     )
     fac = factory.to_deployment(
-        name="factory", work_pool_name=cfg.orchestration.factory_work_pool, entrypoint_type=EntrypointType.MODULE_PATH,
-        cron=cron, parameters={"profile": cfg.profile, "config": config_path},
+        name="factory",
+        work_pool_name=cfg.orchestration.factory_work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        cron=cron,
+        parameters={"profile": cfg.profile, "config": config_path},
         description="Scheduled regeneration of one dataset version",
     )
     return {"gpu-stage": gpu.apply(), "factory": fac.apply()}

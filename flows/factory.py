@@ -24,7 +24,6 @@ from tasks.stages import (
     merge_pairs,
     publish_version,
     render_report,
-    run_detectors,
     run_gates,
     write_shards,
 )
@@ -55,7 +54,9 @@ def factory(
     layout = RunLayout(cfg, version, Path(root))
     cfg_json = cfg.model_dump(mode="json")
     code = code_hash()
-    logger.info("factory %s: profile %s, config %s, code %s", version, cfg.profile, cfg.hash(), code)
+    logger.info(
+        "factory %s: profile %s, config %s, code %s", version, cfg.profile, cfg.hash(), code
+    )
 
     # ingest
     ingest = _with_options(cfg, ingest_dataset)
@@ -69,19 +70,23 @@ def factory(
     jobs = {c: anomaly_types(images, c) for c in categories}
     jobs = {c: t for c, t in jobs.items() if t}
     if cfg.orchestration.dispatch == "work_pool":
-        futures = [dispatch.submit(cfg_json, "generate", c, t, manifest, version, root, code)
-                   for c, t in jobs.items()]
+        futures = [
+            dispatch.submit(cfg_json, "generate", c, t, manifest, version, root, code)
+            for c, t in jobs.items()
+        ]
         per_category = [f.result() for f in futures]
     else:
-        per_category = [dispatch(cfg_json, "generate", c, t, manifest, version, root, code)
-                        for c, t in jobs.items()]
+        per_category = [
+            dispatch(cfg_json, "generate", c, t, manifest, version, root, code)
+            for c, t in jobs.items()
+        ]
     pairs = merge_pairs([p for paths in per_category for p in paths], str(layout.pairs), code)
 
     # quality gates, downstream detectors, report
     gates = run_gates(cfg_json, pairs, manifest, version, root, code)
     if cfg.detector.enabled:
         dispatch(cfg_json, "detect", "all", [], manifest, version, root, code, pairs=pairs)
-    report = render_report(gates["reports"], pairs, manifest, code)
+    report = render_report(cfg_json, pairs, version, root, code)
 
     # shards, publishing
     index = write_shards(cfg_json, pairs, manifest, version, root, code)
@@ -106,7 +111,9 @@ def factory(
 
 
 def _artifacts(result: dict[str, Any]) -> None:
-    rows = [{"type": t, "gate": "pass" if ok else "FAIL"} for t, ok in sorted(result["types"].items())]
+    rows = [
+        {"type": t, "gate": "pass" if ok else "FAIL"} for t, ok in sorted(result["types"].items())
+    ]
     create_table_artifact(rows, key="gates", description=f"Gate outcomes of {result['version']}")
     create_markdown_artifact(
         f"# {result['version']}\n\n"

@@ -22,8 +22,9 @@ from tasks.stages import finetune_type, generate_type, run_detectors
 HEARTBEAT_S = 3.0
 
 
-def stage_outputs(cfg, stage: str, category: str, anomaly_types: list[str], version: str,
-                  root: str) -> list[str]:
+def stage_outputs(
+    cfg, stage: str, category: str, anomaly_types: list[str], version: str, root: str
+) -> list[str]:
     """Where a GPU stage leaves its results (so a dispatcher can find them)."""
     layout = RunLayout(cfg, version, Path(root))
     if stage == "generate":
@@ -63,8 +64,15 @@ class _Heartbeat:
 
 @flow(name="gpu-stage", persist_result=True)
 def gpu_stage(
-    cfg_json: dict[str, Any], stage: str, category: str, anomaly_types: list[str],
-    manifest: str, version: str, root: str, code: str, pairs: str | None = None,
+    cfg_json: dict[str, Any],
+    stage: str,
+    category: str,
+    anomaly_types: list[str],
+    manifest: str,
+    version: str,
+    root: str,
+    code: str,
+    pairs: str | None = None,
 ) -> list[str]:
     """Run one GPU stage for one category; returns the produced paths."""
     cfg = config_from(cfg_json)
@@ -79,8 +87,12 @@ def gpu_stage(
         for anomaly_type in anomaly_types:
             checkpoint = None
             if cfg.generator == "magic":
-                checkpoint = finetune_type(cfg_json, manifest, category, anomaly_type,
-                                           version, root, code)
-            outputs.append(generate_type(cfg_json, manifest, category, anomaly_type,
-                                         checkpoint, version, root, code))
+                checkpoint = finetune_type(
+                    cfg_json, manifest, category, anomaly_type, version, root, code
+                )
+            outputs.append(
+                generate_type(
+                    cfg_json, manifest, category, anomaly_type, checkpoint, version, root, code
+                )
+            )
         return outputs

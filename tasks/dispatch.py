@@ -67,22 +67,42 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
 
 @task(name="gpu-stage", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=3)
 def dispatch_gpu_stage(
-    cfg_json: dict[str, Any], stage: str, category: str, anomaly_types: list[str],
-    manifest: str, version: str, root: str, code: str, pairs: str | None = None,
+    cfg_json: dict[str, Any],
+    stage: str,
+    category: str,
+    anomaly_types: list[str],
+    manifest: str,
+    version: str,
+    root: str,
+    code: str,
+    pairs: str | None = None,
 ) -> list[str]:
     """Run one GPU stage for one category, in-process or on the work pool."""
     from flows.gpu_stage import gpu_stage, stage_outputs
 
     cfg = config_from(cfg_json)
-    params = dict(cfg_json=cfg_json, stage=stage, category=category,
-                  anomaly_types=anomaly_types, manifest=manifest, version=version,
-                  root=root, code=code, pairs=pairs)
+    params = dict(
+        cfg_json=cfg_json,
+        stage=stage,
+        category=category,
+        anomaly_types=anomaly_types,
+        manifest=manifest,
+        version=version,
+        root=root,
+        code=code,
+        pairs=pairs,
+    )
     if cfg.orchestration.dispatch == "local":
         return gpu_stage(**params)
     orch = cfg.orchestration
     with concurrency(GPU_CONCURRENCY, occupy=1):
-        run = run_deployment(orch.gpu_deployment, parameters=params, timeout=0,
-                             flow_run_name=f"{stage}-{category}", tags=["gpu", stage])
+        run = run_deployment(
+            orch.gpu_deployment,
+            parameters=params,
+            timeout=0,
+            flow_run_name=f"{stage}-{category}",
+            tags=["gpu", stage],
+        )
         get_run_logger().info("dispatched %s for %s to pool %s", run.name, category, orch.work_pool)
         try:
             _wait(run.id, orch.heartbeat_timeout_s, orch.start_timeout_s)

@@ -28,8 +28,16 @@ def ingest_dataset(
     spec = cfg.datasets.items[dataset_index]
     out = layout.dataset_manifest(spec.name)
     result = ingest(
-        spec.name, spec.source, out, layout.raw_root, spec.sha256, spec.categories,
-        cfg.datasets.on_bad_input, cfg.split.fewshot_fraction, cfg.demo, show_progress=False,
+        spec.name,
+        spec.source,
+        out,
+        layout.raw_root,
+        spec.sha256,
+        spec.categories,
+        cfg.datasets.on_bad_input,
+        cfg.split.fewshot_fraction,
+        cfg.demo,
+        show_progress=False,
     )
     get_run_logger().info("ingested %s: %d images -> %s", spec.name, len(result.manifest), out)
     return str(out)
@@ -45,22 +53,38 @@ def combine_manifests(parts: list[str], out: str, code: str) -> str:
 
 @task(name="finetune", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=5)
 def finetune_type(
-    cfg_json: dict[str, Any], manifest: str, category: str, anomaly_type: str,
-    version: str, root: str, code: str,
+    cfg_json: dict[str, Any],
+    manifest: str,
+    category: str,
+    anomaly_type: str,
+    version: str,
+    root: str,
+    code: str,
 ) -> str:
     """MAGIC per-type DreamBooth fine-tuning (resumes from its last checkpoint)."""
     from anomaly_factory.generators.magic.finetune import finetune
 
     layout = _layout(cfg_json, version, root)
-    out = finetune(layout.cfg, Path(manifest), category, anomaly_type,
-                   layout.checkpoint(category, anomaly_type))
+    out = finetune(
+        layout.cfg,
+        Path(manifest),
+        category,
+        anomaly_type,
+        layout.checkpoint(category, anomaly_type),
+    )
     return str(out)
 
 
 @task(name="generate", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=5)
 def generate_type(
-    cfg_json: dict[str, Any], manifest: str, category: str, anomaly_type: str,
-    checkpoint: str | None, version: str, root: str, code: str,
+    cfg_json: dict[str, Any],
+    manifest: str,
+    category: str,
+    anomaly_type: str,
+    checkpoint: str | None,
+    version: str,
+    root: str,
+    code: str,
 ) -> str:
     """Masks -> CAMA -> generation for one type; resumable, returns pairs.parquet."""
     from anomaly_factory import progress
@@ -72,7 +96,11 @@ def generate_type(
     unit = f"{category}/{anomaly_type}"
     progress.report(layout.progress, "generate", unit, 0, cfg.generate.n_pairs)
     pairs = generate(
-        cfg, Path(manifest), category, anomaly_type, cfg.generate.n_pairs,
+        cfg,
+        Path(manifest),
+        category,
+        anomaly_type,
+        cfg.generate.n_pairs,
         layout.pairs_dir(category, anomaly_type),
         checkpoint=Path(checkpoint) if checkpoint else None,
     )
@@ -95,22 +123,18 @@ def run_gates(
     from anomaly_factory.gates import run_gates as gates
 
     layout = _layout(cfg_json, version, root)
-    result = gates(layout.cfg, Path(pairs), Path(manifest), layout.reports,
-                   layout.cfg.generate.n_pairs)
+    result = gates(
+        layout.cfg, Path(pairs), Path(manifest), layout.reports, layout.cfg.generate.n_pairs
+    )
     return _gate_summary(result, layout.reports)
 
 
 def _gate_summary(result: Any, reports: Path) -> dict[str, Any]:
-    import json
-
-    decision = json.loads((reports / "gates.json").read_text())
     return {
-        "passed": bool(decision["passed"]),
-        "publishable": bool(decision.get("publishable", decision["passed"])),
+        "passed": bool(result.passed),
+        "publishable": bool(result.publishable),
         "reports": str(reports),
-        "types": {
-            name: bool(t.get("passed", False)) for name, t in decision.get("types", {}).items()
-        },
+        "types": {name: bool(t.passed) for name, t in result.types.items()},
     }
 
 
@@ -125,11 +149,12 @@ def run_detectors(
 
 
 @task(name="render-report", cache_policy=CACHE, persist_result=True)
-def render_report(reports: str, pairs: str, manifest: str, code: str) -> str:
-    """Re-render the report so it includes the detector section."""
-    from anomaly_factory.reports.html import render_report as render
+def render_report(cfg_json: dict[str, Any], pairs: str, version: str, root: str, code: str) -> str:
+    """Re-render the report so it includes the downstream-detector section."""
+    from anomaly_factory.gates.run import rerender_report
 
-    return str(render(Path(reports), pairs_path=Path(pairs), manifest_path=Path(manifest)))
+    layout = _layout(cfg_json, version, root)
+    return str(rerender_report(layout.cfg, Path(pairs), layout.reports))
 
 
 @task(name="shards", cache_policy=CACHE, persist_result=True)
@@ -139,13 +164,14 @@ def write_shards(
     from anomaly_factory.storage.shards import write_shards as shards
 
     layout = _layout(cfg_json, version, root)
-    return str(shards(layout.cfg, Path(pairs), Path(manifest), version, layout.reports,
-                      layout.shards))
+    return str(
+        shards(layout.cfg, Path(pairs), Path(manifest), version, layout.reports, layout.shards)
+    )
 
 
 @task(name="publish", retries=3, retry_delay_seconds=10)
 def publish_version(cfg_json: dict[str, Any], version: str, root: str) -> str:
-    from anomaly_factory.storage.s3 import publish_version as publish
+    from anomaly_factory.cli.publish import publish_version as publish
 
     layout = _layout(cfg_json, version, root)
     cfg = layout.cfg

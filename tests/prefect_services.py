@@ -44,10 +44,9 @@ def wait_healthy(api_url: str, proc: subprocess.Popen, timeout: float = 120) -> 
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        with suppress(OSError):
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
+        with suppress(OSError), urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
+            if r.status == 200:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout}s")
 
@@ -61,9 +60,21 @@ class PrefectServer:
         self.env = prefect_env(home, self.api_url)
         self.log = open(home / "server.log", "wb")
         self.proc = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "WARNING"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_healthy(self.api_url, self.proc)
 
@@ -71,7 +82,11 @@ class PrefectServer:
         log = open(self.home / f"worker-{name}.log", "ab")
         return subprocess.Popen(
             [str(BIN / "anomaly-factory"), "worker", "--pool", pool, "--name", name],
-            env=self.env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def stop(self) -> None:

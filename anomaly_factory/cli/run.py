@@ -17,7 +17,11 @@ from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, ge
 def _watch(layout, stop: threading.Event) -> None:
     """Show per-type pair progress (done / total, ETA) by counting finished records."""
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
@@ -27,9 +31,14 @@ def _watch(layout, stop: threading.Event) -> None:
     total = layout.cfg.generate.n_pairs
     bars: dict[tuple[str, str], int] = {}
     with Progress(
-        TextColumn("[bold]{task.fields[stage]:<9}"), TextColumn("{task.description:<28}"),
-        BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]{task.fields[stage]:<9}"),
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     ) as bar:
         stage_task = bar.add_task("starting", total=None, stage="stage")
         while not stop.wait(1.0):
@@ -53,13 +62,14 @@ def _watch(layout, stop: threading.Event) -> None:
 def run(
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
-    version: Annotated[str | None, typer.Option(help="Dataset version (default: <profile>-<config hash>)")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Dataset version (default: <profile>-<config hash>)")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show live progress")] = True,
 ) -> None:
     """Run the whole factory for one dataset version; exit 1 if any gate fails."""
-    from flows.factory import factory
-
     from anomaly_factory.layout import RunLayout, default_version
+    from flows.factory import factory
 
     cfg = get_config(config, profile)
     version = version or default_version(cfg)
@@ -69,8 +79,12 @@ def run(
     if progress:
         watcher.start()
     try:
-        result = factory(profile=cfg.profile, config=str(config) if config else None,
-                         version=version, root=str(Path.cwd()))
+        result = factory(
+            profile=cfg.profile,
+            config=str(config) if config else None,
+            version=version,
+            root=str(Path.cwd()),
+        )
     except Exception as exc:
         stop.set()
         raise fail(f"factory run failed: {exc}") from None
@@ -98,15 +112,18 @@ def deploy(
     from flows.deploy import register_deployments
 
     cfg = get_config(config, profile)
-    ids = register_deployments(cfg, cron or cfg.orchestration.schedule_cron,
-                               str(config) if config else None)
+    ids = register_deployments(
+        cfg, cron or cfg.orchestration.schedule_cron, str(config) if config else None
+    )
     for name, dep_id in ids.items():
         console.print(f"deployment {name}: {dep_id}")
 
 
 def worker(
     pool: Annotated[str, typer.Option(help="Work pool to serve")] = "cuda",
-    gpu: Annotated[str | None, typer.Option(help="GPU index to pin (sets CUDA_VISIBLE_DEVICES)")] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="GPU index to pin (sets CUDA_VISIBLE_DEVICES)")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Worker name")] = None,
     limit: Annotated[int, typer.Option(help="Flow runs at once")] = 1,
 ) -> None:
@@ -115,8 +132,17 @@ def worker(
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     prefect = Path(sys.executable).with_name("prefect")
-    cmd = [str(prefect) if prefect.exists() else "prefect", "worker", "start", "--pool", pool,
-           "--type", "process", "--limit", str(limit)]
+    cmd = [
+        str(prefect) if prefect.exists() else "prefect",
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--limit",
+        str(limit),
+    ]
     if name or gpu is not None:
         cmd += ["--name", name or f"{pool}-gpu{gpu}"]
     console.print(f"starting: {' '.join(cmd)}")

@@ -188,3 +188,19 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def rerender_report(
+    cfg: FactoryConfig, pairs_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> Path:
+    """Render ``report.html`` again from the saved metrics and gates (after detectors ran)."""
+    import json
+
+    from anomaly_factory.gates.decide import GATES_FILE
+    from anomaly_factory.reports.html import render_report
+
+    out = Path(out_dir)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    gates = json.loads((out / GATES_FILE).read_text())
+    pairs = pair_table(read_pairs_lenient(pairs_path))
+    return render_report(out, metrics, gates, pairs, n_samples=cfg.gates.report_samples)

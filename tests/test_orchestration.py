@@ -1,0 +1,232 @@
+"""The factory under a real Prefect server (SQLite, 127.0.0.1) and real process workers.
+
+One server and one worker per module; every process is torn down by PID.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomaly_factory.config import deep_merge, read_config_file
+from anomaly_factory.io import sha256_file
+from tests.conftest import REPO
+from tests.prefect_services import PrefectServer, kill_tree
+
+pytestmark = pytest.mark.slow
+
+# The smallest settings that still exercise every stage.
+FAST = {
+    "demo": {
+        "size": 64,
+        "n_train": 8,
+        "n_test_good": 2,
+        "n_per_type": 6,
+        "categories": ["nut_demo", "carpet_demo"],
+    },
+    "model": {
+        "resolution": 32,
+        "tiny": {"pretrain_vae_steps": 4, "pretrain_unet_steps": 4, "pretrain_batch_size": 2},
+    },
+    "finetune": {"steps": 2, "batch_size": 2, "resolution": 32, "checkpoint_every": 1},
+    "masks": {"generator": {"steps": 4, "sample_steps": 2, "resolution": 16}},
+    "generate": {"n_pairs": 2, "steps": 2, "batch_size": 2},
+    "gates": {"kid": {"subset_size": 2, "subsets": 2}, "lpips": {"resolution": 32}},
+    "detector": {"resolution": 32, "epochs": 1, "batch_size": 4},
+    "orchestration": {
+        "retries": 2,
+        "retry_delay_s": 1,
+        "heartbeat_timeout_s": 15,
+        "start_timeout_s": 300,
+    },
+}
+
+
+def write_config(path: Path, **extra) -> Path:
+    raw = read_config_file(REPO / "pipelines.yaml")
+    raw = deep_merge(raw, deep_merge(FAST, extra))
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    srv = PrefectServer(home)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("factory")
+
+
+@pytest.fixture
+def api(server, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    for key, value in server.env.items():
+        if key.startswith(("PREFECT_", "HF_")):
+            monkeypatch.setenv(key, value)
+    with temporary_settings(
+        {PREFECT_API_URL: server.api_url, PREFECT_LOCAL_STORAGE_PATH: server.home / "storage"}
+    ):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def deployed(server, workdir):
+    """Deployments registered and one worker serving the cuda pool."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from anomaly_factory.config import load_config
+    from flows.deploy import register_deployments
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            cfg = load_config(
+                write_config(workdir / "pipelines.yaml", orchestration={"dispatch": "work_pool"})
+            )
+            register_deployments(cfg, cron=None)
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+    worker = server.start_worker("cuda", "gpu0", workdir)
+    yield worker
+    kill_tree(worker.pid)
+
+
+def _run_factory(workdir: Path, version: str, config: Path) -> dict:
+    from flows.factory import factory
+
+    return factory(profile="tiny", config=str(config), version=version, root=str(workdir))
+
+
+def _flow_runs(flow_name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix == ".png"
+    }
+
+
+def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir):
+    config = workdir / "pipelines.yaml"
+    result = _run_factory(workdir, "v1", config)
+    assert Path(result["report"]).exists()
+    gpu_runs = _flow_runs("gpu-stage")
+    generate_runs = [r for r in gpu_runs if r.name.startswith("generate-")]
+    assert {r.name for r in generate_runs} == {"generate-nut_demo", "generate-carpet_demo"}
+    for run in gpu_runs:
+        assert run.state.is_completed(), run.state
+        assert run.work_pool_name == "cuda"
+        assert run.infrastructure_pid, "the process worker records the PID it ran the flow in"
+    assert (workdir / "data" / "pairs" / "v1" / "pairs.parquet").exists()
+
+    # rerun with nothing changed: every task of the new factory run is a cache hit
+    before = {r.id for r in _flow_runs("gpu-stage")}
+    again = _run_factory(workdir, "v1", config)
+    assert again["report"] == result["report"]
+    assert {r.id for r in _flow_runs("gpu-stage")} == before, "no GPU stage ran again"
+    latest = max(_flow_runs("factory"), key=lambda r: r.start_time)
+    states = [t.state.name for t in _task_runs(latest.id)]
+    assert states and all(s == "Cached" for s in states), states
+
+
+def test_worker_killed_mid_run_is_retried_with_same_outputs(api, deployed, server, workdir):
+    # more denoising steps than v1 so the kill lands mid-generation
+    config = write_config(
+        workdir / "slow.yaml",
+        demo={"categories": ["nut_demo"]},
+        generate={"n_pairs": 3, "steps": 25},
+        orchestration={"dispatch": "work_pool"},
+    )
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = _run_factory(workdir, "v2", config)
+        except BaseException as exc:  # surfaced below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        running = [
+            r
+            for r in _flow_runs("gpu-stage")
+            if r.parameters.get("version") == "v2" and r.state.is_running()
+        ]
+        if running:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("no GPU stage of v2 started")
+    kill_tree(deployed.pid)  # the worker and the flow run it spawned
+    replacement = server.start_worker("cuda", "gpu0-restarted", workdir)
+    try:
+        thread.join(timeout=900)
+        assert "error" not in box, box.get("error")
+        crashed = [
+            r
+            for r in _flow_runs("gpu-stage")
+            if r.parameters.get("version") == "v2" and r.state.is_crashed()
+        ]
+        assert crashed, "the killed run was detected and marked crashed"
+        # the same config run without interruption gives the same bytes
+        _run_factory(workdir, "v3", config)
+    finally:
+        kill_tree(replacement.pid)
+    a = _tree_hashes(workdir / "data" / "pairs" / "v2")
+    b = _tree_hashes(workdir / "data" / "pairs" / "v3")
+    assert len(a) == 3 * 2 * 3 and a == b  # 3 pairs x 2 types x (image, mask, normal)
+
+
+def test_failed_gate_exits_nonzero_and_keeps_outputs(api, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from anomaly_factory.cli import app
+
+    config = write_config(
+        tmp_path / "pipelines.yaml",
+        demo={"categories": ["nut_demo"]},
+        detector={"enabled": False},
+        gates={"kid_max": 1e-12},
+    )
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(
+        app, ["run", "--config", str(config), "--version", "bad", "--no-progress"]
+    )
+    assert res.exit_code == 1, res.output
+    assert "quality gates failed" in res.output
+    pairs = sorted((tmp_path / "data" / "pairs" / "bad").glob("*/*/pairs.parquet"))
+    assert len(pairs) == 2, "both types' pairs are kept"
+    assert (tmp_path / "data" / "reports" / "bad" / "report.html").exists()
