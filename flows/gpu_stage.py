@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -43,10 +44,8 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(Exception):  # a missed beat is not fatal
                 Variable.set(self.name, str(time.time()), overwrite=True)
-            except Exception:  # a missed beat is not fatal; the next one may pass
-                pass
             self._stop.wait(HEARTBEAT_S)
 
     def __enter__(self) -> _Heartbeat:
@@ -56,10 +55,8 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_S + 1)
-        try:
+        with contextlib.suppress(Exception):  # the dispatcher unsets it too
             Variable.unset(self.name)
-        except Exception:  # the dispatcher unsets it too
-            pass
 
 
 @flow(name="gpu-stage", persist_result=True)

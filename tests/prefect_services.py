@@ -58,7 +58,7 @@ class PrefectServer:
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.env = prefect_env(home, self.api_url)
-        self.log = open(home / "server.log", "wb")
+        self.log = open(home / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen(
             [
                 str(BIN / "prefect"),
@@ -79,7 +79,7 @@ class PrefectServer:
         wait_healthy(self.api_url, self.proc)
 
     def start_worker(self, pool: str, name: str, cwd: Path) -> subprocess.Popen:
-        log = open(self.home / f"worker-{name}.log", "ab")
+        log = open(self.home / f"worker-{name}.log", "ab")  # noqa: SIM115 (handed to the worker)
         return subprocess.Popen(
             [str(BIN / "anomaly-factory"), "worker", "--pool", pool, "--name", name],
             env=self.env,
