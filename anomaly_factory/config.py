@@ -161,8 +161,8 @@ class MaskGeneratorSection(Section):
     sample_steps: PositiveInt = 25
     threshold: Fraction = 0.5
     lr: Positive = 1e-3
-    batch_size: PositiveInt = Field(default=16, description="Training batch and sampling chunk")
-    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    batch_size: PositiveInt = Field(default=8, description="Training batch and sampling chunk")
+    channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32])
     norm_num_groups: PositiveInt = 8
     train_timesteps: PositiveInt = 1000
     augment_flip: bool = True
@@ -458,6 +458,9 @@ class DetectorSection(Section):
         default=16, description="Width of DRAEM's discriminative network (64 in DRAEM)"
     )
     epochs: PositiveInt = 3
+    steps_per_epoch: PositiveInt | None = Field(
+        default=None, description="None: an epoch is one pass over the generated pairs"
+    )
     batch_size: Annotated[int, Field(ge=2)] = 8
     lr: Positive = 1e-4
     focal_gamma: NonNegative = 2.0
@@ -478,6 +481,9 @@ class DetectorSection(Section):
     reference_pre_trained: bool = False
     baselines: list[Literal["perlin", "cutpaste", "none"]] = Field(
         default_factory=lambda: ["perlin", "cutpaste", "none"]
+    )
+    num_threads: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="CPU threads for torch while detecting; 0 keeps torch's default"
     )
     out_dir: Path = Path("data/detectors")
 
