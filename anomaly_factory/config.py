@@ -96,9 +96,9 @@ class TinyModelSection(Section):
         description="Extra whole-word tokens; the prompt's words are always in the vocabulary",
     )
     seed: int = 0
-    pretrain_vae_steps: Annotated[int, Field(ge=0)] = 200
-    pretrain_unet_steps: Annotated[int, Field(ge=0)] = 300
-    pretrain_lr: Positive = 1e-3
+    pretrain_vae_steps: Annotated[int, Field(ge=0)] = 100
+    pretrain_unet_steps: Annotated[int, Field(ge=0)] = 150
+    pretrain_lr: Positive = 3e-3
     pretrain_batch_size: PositiveInt = 8
     pretrain_kl_weight: NonNegative = 1e-6
     pretrain_prompt: str = Field(default="", description="Prompt of the inpainting pretraining")
@@ -165,6 +165,9 @@ class MaskGeneratorSection(Section):
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32])
     norm_num_groups: PositiveInt = 8
     train_timesteps: PositiveInt = 1000
+    prediction_type: Literal["sample", "epsilon"] = Field(
+        default="sample", description="x0-prediction gives clean masks after few training steps"
+    )
     augment_flip: bool = True
     augment_rot90: bool = True
     augment_shift: Annotated[float, Field(ge=0, le=0.5)] = Field(

@@ -1,0 +1,98 @@
+"""The generation loop the baseline generators share: pick a train normal, make one
+anomaly from it, save the pair. Seeded per pair and resumable."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from anomaly_factory.config import FactoryConfig
+from anomaly_factory.generators.output import is_done, pair_key, save_pair, write_pairs_manifest
+from anomaly_factory.manifest import GOOD, read_images, select
+
+# (normal uint8 HxWx3, per-pair rng, pair seed) -> (anomalous image, bool mask)
+Synthesize = Callable[[np.ndarray, np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+
+
+def pair_seed(generator: str, seed: int, key: str) -> int:
+    """A 31-bit seed derived from the run seed and the pair key, so that a resumed run
+    regenerates exactly the pairs an uninterrupted one would."""
+    digest = hashlib.sha256(f"{generator}:{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
+    """An image as uint8 HxWx3, optionally resized to size x size (area interpolation)."""
+    try:
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGB"))
+    except (FileNotFoundError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read image: {exc}") from exc
+    if size is not None and img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def train_normals(manifest: pd.DataFrame, category: str, where: str) -> pd.DataFrame:
+    """The normal ``train`` images of a category; only these may become pair backgrounds."""
+    rows = select(manifest, category, GOOD, "train")
+    if rows.empty:
+        raise ValueError(f"{where}: no train normals for category {category!r}")
+    return rows
+
+
+def generate_baseline_pairs(
+    cfg: FactoryConfig,
+    manifest_path: Path,
+    category: str,
+    anomaly_type: str,
+    n_pairs: int,
+    out_dir: Path,
+    generator: str,
+    mask_source: str,
+    make_synthesize: Callable[[pd.DataFrame, pd.DataFrame], Synthesize],
+) -> Path:
+    """Write ``n_pairs`` pairs of one (category, label) and rebuild ``pairs.parquet``.
+
+    ``make_synthesize(manifest, normals)`` builds the per-pair function once, so it
+    can pre-load what it needs (e.g. texture sources).
+    """
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs: {n_pairs} is not >= 1")
+    out_dir = Path(out_dir)
+    manifest = read_images(manifest_path)
+    normals = train_normals(manifest, category, str(manifest_path))
+    dataset = str(normals["dataset"].iloc[0])
+    size = cfg.model.resolution
+    synthesize = make_synthesize(manifest, normals)
+    for index in range(n_pairs):
+        key = pair_key(dataset, category, anomaly_type, index)
+        if is_done(out_dir, key):
+            continue
+        seed = pair_seed(generator, cfg.generate.seed, key)
+        rng = np.random.default_rng(seed)
+        source = str(normals["image_path"].iloc[int(rng.integers(len(normals)))])
+        normal = load_rgb(source, size)
+        image, mask = synthesize(normal, rng, seed)
+        metadata = {
+            "dataset": dataset,
+            "category": category,
+            "anomaly_type": anomaly_type,
+            "generator": generator,
+            "seed": seed,
+            "sigma": 0.0,
+            "w_m": 0.0,
+            "w_d": 0.0,
+            "steps": 0,
+            "checkpoint_hash": "none",
+            "mask_source": mask_source,
+            "source_path": source,
+        }
+        save_pair(out_dir, key, image, mask, normal, metadata)
+    return write_pairs_manifest(out_dir)

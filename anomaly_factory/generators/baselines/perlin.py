@@ -1,0 +1,130 @@
+"""DRAEM-style Perlin-noise anomalies (Zavrtanik et al., ICCV 2021, §3.1.1).
+
+A Perlin noise map is rotated and thresholded into a mask; the mask is filled with an
+augmented texture image blended in with factor beta ~ U(blend_min, blend_max):
+
+    I_a = (1 - M) * I + (1 - beta) * M * I + beta * M * A
+
+The noise, the threshold, the rotation and the texture augmentations are anomalib's
+``PerlinAnomalyGenerator.generate_perturbation``; this module only seeds it per pair
+and chooses the texture. DRAEM takes textures from DTD; with no ``texture_dir`` the
+train normals of the other categories serve (the same category's when alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from anomaly_factory.config import FactoryConfig, PerlinSection
+from anomaly_factory.generators.baselines.common import (
+    Synthesize,
+    generate_baseline_pairs,
+)
+from anomaly_factory.manifest import GOOD
+
+GENERATOR = "perlin"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what torchvision.io.read_image decodes
+
+
+def texture_sources(
+    settings: PerlinSection, manifest: pd.DataFrame, normals: pd.DataFrame
+) -> list[str]:
+    """Texture images: ``texture_dir``, else other categories' train normals, else own."""
+    if settings.texture_dir is not None:
+        found = sorted(
+            str(p)
+            for p in Path(settings.texture_dir).rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            raise ValueError(f"baselines.perlin.texture_dir: no images in {settings.texture_dir}")
+        return found
+    category = normals["category"].iloc[0]
+    others = manifest[
+        (manifest["category"] != category)
+        & (manifest["anomaly_type"] == GOOD)
+        & (manifest["split"] == "train")
+    ]
+    pool = others if not others.empty else normals
+    return sorted(pool["image_path"].astype(str).tolist())
+
+
+def perlin_anomaly(
+    normal: np.ndarray, texture_path: str, beta: float, seed: int, max_tries: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Perlin anomaly on ``normal`` (uint8 HxWx3), textured from ``texture_path``.
+
+    Torch's global RNG drives anomalib's noise and augmentations, so it is forked and
+    seeded here: the result depends on the arguments alone.
+    """
+    import torch
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+
+    h, w = normal.shape[:2]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        augmenter = PerlinAnomalyGenerator(probability=1.0)
+        for _ in range(max_tries):
+            perturbation, mask = augmenter.generate_perturbation(h, w, None, texture_path)
+            if mask.any():
+                break
+        else:
+            raise RuntimeError(f"perlin: empty mask after {max_tries} tries (seed {seed})")
+    img = torch.from_numpy(np.array(normal)).float().div(255)
+    blended = img * (1 - mask) + (1 - beta) * img * mask + beta * perturbation
+    out = (blended.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return out, mask[..., 0].numpy() > 0
+
+
+def _synthesizer(settings: PerlinSection) -> Callable[[pd.DataFrame, pd.DataFrame], Synthesize]:
+    def make(manifest: pd.DataFrame, normals: pd.DataFrame) -> Synthesize:
+        textures = texture_sources(settings, manifest, normals)
+
+        def synthesize(
+            normal: np.ndarray, rng: np.random.Generator, seed: int
+        ) -> tuple[np.ndarray, np.ndarray]:
+            texture = textures[int(rng.integers(len(textures)))]
+            beta = float(rng.uniform(settings.blend_min, settings.blend_max))
+            return perlin_anomaly(normal, texture, beta, seed, settings.max_tries)
+
+        return synthesize
+
+    return make
+
+
+def generate_pairs(
+    cfg: FactoryConfig,
+    manifest_path: Path,
+    category: str,
+    anomaly_type: str,
+    n_pairs: int,
+    out_dir: Path,
+    checkpoint: Path | None = None,
+    **reference_options: object,
+) -> Path:
+    """Write ``n_pairs`` Perlin pairs labelled ``anomaly_type``; returns ``pairs.parquet``.
+
+    ``checkpoint`` and the reference options are accepted for the common signature and
+    ignored: this generator learns nothing.
+    """
+    del checkpoint, reference_options
+    settings = cfg.baselines.perlin
+    if settings.blend_min > settings.blend_max:
+        raise ValueError(
+            f"baselines.perlin.blend_min: {settings.blend_min} is > blend_max {settings.blend_max}"
+        )
+    return generate_baseline_pairs(
+        cfg,
+        manifest_path,
+        category,
+        anomaly_type,
+        n_pairs,
+        out_dir,
+        GENERATOR,
+        "perlin",
+        _synthesizer(settings),
+    )

@@ -1,0 +1,520 @@
+"""Model presets of MAGIC's backbone: SD2 inpainting (``paper``) and a tiny stand-in (``tiny``).
+
+Both presets give a :class:`diffusers.StableDiffusionInpaintPipeline` whose UNet
+takes MAGIC's 9 input channels (CONTEXT §1): the noisy latent (4), the mask on
+the latent grid (1) and the latent of the masked image (4). ``sd2_inpainting``
+loads ``stabilityai/stable-diffusion-2-inpainting`` (or a local folder in the
+same diffusers layout); ``tiny`` builds the same components from small configs
+and briefly pretrains them on a category's normal images, standing in for
+SD2's own pretraining so that CPU demos produce images rather than noise.
+
+>>> from anomaly_factory.config import FactoryConfig
+>>> cfg = FactoryConfig()
+>>> pipe = build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
+>>> pipe.unet.config.in_channels
+9
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from anomaly_factory.config import (
+    FactoryConfig,
+    FinetuneSection,
+    ModelSection,
+    SchedulerSection,
+    TinyModelSection,
+)
+from anomaly_factory.manifest import read_images, select
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 77  # CLIP's context length, as in SD
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TINY_SUBDIR = "tiny"
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(model: ModelSection) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit ``cuda`` without a GPU is an error."""
+    if model.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(model.device)
+
+
+def resolve_dtype(model: ModelSection, device: torch.device) -> torch.dtype:
+    """Half precision only on GPU: CPU kernels for fp16 convolutions are slow or missing."""
+    return DTYPES[model.dtype] if device.type == "cuda" else torch.float32
+
+
+# --------------------------------------------------------------------------- tiny components
+def ddim_scheduler(scheduler: SchedulerSection) -> DDIMScheduler:
+    """MAGIC's sampler settings (CONTEXT §1): scaled-linear betas, eps, steps_offset 1."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=scheduler.beta_start,
+        beta_end=scheduler.beta_end,
+        beta_schedule=scheduler.beta_schedule,
+        steps_offset=scheduler.steps_offset,
+        prediction_type=scheduler.prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+
+
+def tokenizer_words(finetune: FinetuneSection, tiny: TinyModelSection) -> list[str]:
+    """Whole words the tiny tokenizer knows, anomaly token first so it is one token."""
+    words = [finetune.anomaly_token, *finetune.prompt.split(), *tiny.pretrain_prompt.split()]
+    words += tiny.vocab_words
+    seen: dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w.lower(), None)
+    return list(seen)
+
+
+def build_tokenizer(words: list[str]) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over letters, digits and ``words`` (each merged to one token).
+
+    transformers 5 ignores ``vocab_file=``, so the vocabulary and merges are passed in
+    memory. Characters outside ``[a-z0-9]`` map to the unknown token.
+    """
+    chars = string.ascii_lowercase + string.digits
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        if not word or any(c not in chars for c in word):
+            raise ValueError(f"tokenizer word {word!r}: only [a-z0-9] words are supported")
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = MAX_TOKENS
+    return tok
+
+
+def build_tiny_text_encoder(tiny: TinyModelSection, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.text_hidden_size,
+        intermediate_size=4 * tiny.text_hidden_size,
+        num_hidden_layers=tiny.text_layers,
+        num_attention_heads=tiny.text_heads,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=tiny.text_hidden_size,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_vae(tiny: TinyModelSection, resolution: int) -> AutoencoderKL:
+    n = len(tiny.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(tiny.vae_channels),
+        layers_per_block=tiny.vae_layers_per_block,
+        latent_channels=tiny.latent_channels,
+        norm_num_groups=tiny.norm_num_groups,
+        sample_size=resolution,
+    )
+
+
+def build_tiny_unet(tiny: TinyModelSection, sample_size: int) -> UNet2DConditionModel:
+    """SD-style UNet: cross-attention in every level but the deepest, 9 input channels."""
+    n = len(tiny.unet_channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    if n == 1:
+        down, up = ("CrossAttnDownBlock2D",), ("CrossAttnUpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=2 * tiny.latent_channels + 1,
+        out_channels=tiny.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(tiny.unet_channels),
+        layers_per_block=tiny.unet_layers_per_block,
+        cross_attention_dim=tiny.cross_attention_dim,
+        attention_head_dim=tiny.attention_head_dim,
+        norm_num_groups=tiny.norm_num_groups,
+        use_linear_projection=True,  # as SD2
+    )
+
+
+def _check_tiny(model: ModelSection) -> None:
+    tiny = model.tiny
+    for field in ("vae_channels", "unet_channels"):
+        for c in getattr(tiny, field):
+            if c % tiny.norm_num_groups:
+                raise ValueError(
+                    f"model.tiny.{field}: {c} is not divisible by "
+                    f"model.tiny.norm_num_groups {tiny.norm_num_groups}"
+                )
+    factor = 2 ** (len(tiny.vae_channels) - 1)
+    if model.resolution % (factor * 2 ** (len(tiny.unet_channels) - 1)):
+        raise ValueError(
+            f"model.resolution: {model.resolution} is not divisible by the VAE and UNet "
+            f"downsampling ({factor} x {2 ** (len(tiny.unet_channels) - 1)})"
+        )
+    if tiny.text_hidden_size != tiny.cross_attention_dim:
+        raise ValueError(
+            f"model.tiny.cross_attention_dim: {tiny.cross_attention_dim} must equal "
+            f"model.tiny.text_hidden_size {tiny.text_hidden_size}"
+        )
+
+
+def build_tiny_pipeline(
+    model: ModelSection, finetune: FinetuneSection, scheduler: SchedulerSection
+) -> StableDiffusionInpaintPipeline:
+    """The ``tiny`` preset with random weights (deterministic under ``torch.manual_seed``)."""
+    _check_tiny(model)
+    tiny = model.tiny
+    tokenizer = build_tokenizer(tokenizer_words(finetune, tiny))
+    text_encoder = build_tiny_text_encoder(tiny, tokenizer)
+    vae = build_tiny_vae(tiny, model.resolution)
+    latent = model.resolution // 2 ** (len(tiny.vae_channels) - 1)
+    unet = build_tiny_unet(tiny, latent)
+    return StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# --------------------------------------------------------------------------- image loading
+def resolve_path(path: str, manifest_path: Path | None) -> Path:
+    """A manifest path, relative paths taken against the manifest's folder if not found as is."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and manifest_path is not None:
+        alt = Path(manifest_path).parent / p
+        if alt.exists():
+            return alt
+    return p
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """RGB image as a (3, size, size) tensor in [-1, 1] (SD's input range)."""
+    try:
+        img = Image.open(path).convert("RGB")
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"{path}: cannot read image: {exc}") from exc
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_mask(path: Path, size: int) -> torch.Tensor:
+    """Binary (1, size, size) float mask; any non-zero value is defect (VisA uses labels)."""
+    try:
+        m = Image.open(path).convert("L")
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"{path}: cannot read mask: {exc}") from exc
+    m = m.resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy((np.asarray(m) > 0).astype(np.float32)).unsqueeze(0)
+
+
+def masked_inputs(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The masked image the inpainting UNet sees: defect pixels zeroed, as the pipeline does."""
+    return images * (masks < 0.5)
+
+
+def latent_mask(masks: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """Mask on the latent grid, resized as ``StableDiffusionInpaintPipeline`` does (nearest)."""
+    return F.interpolate(masks, size=(latent_size, latent_size))
+
+
+# --------------------------------------------------------------------------- tiny pretraining
+def random_box_masks(
+    n: int, size: int, max_frac: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` random axis-aligned rectangles, (n, 1, size, size) in {0, 1}."""
+    out = torch.zeros(n, 1, size, size)
+    lo = max(1, size // 16)
+    hi = max(lo + 1, int(size * max_frac))
+    for i in range(n):
+        h, w = torch.randint(lo, hi + 1, (2,), generator=generator).tolist()
+        y = int(torch.randint(0, size - h + 1, (1,), generator=generator))
+        x = int(torch.randint(0, size - w + 1, (1,), generator=generator))
+        out[i, :, y : y + h, x : x + w] = 1.0
+    return out
+
+
+def _batch(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, len(images), (n,), generator=generator)
+    batch = images[idx]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+
+
+def encode_prompt(pipe: StableDiffusionInpaintPipeline, prompt: str, n: int) -> torch.Tensor:
+    """Text-encoder output (n, 77, dim) for a prompt, through the pipeline's own encoder."""
+    embeds, _ = pipe.encode_prompt(
+        prompt, pipe.text_encoder.device, n, do_classifier_free_guidance=False
+    )
+    return embeds
+
+
+def pretrain_tiny(
+    pipe: StableDiffusionInpaintPipeline,
+    images: torch.Tensor,
+    tiny: TinyModelSection,
+    device: torch.device,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """VAE reconstruction, then UNet inpainting of random boxes on normal images.
+
+    Stands in for SD2's pretraining: the UNet learns to inpaint a category's
+    normal appearance from ``[noisy latents, mask, masked-image latents]``, the
+    same input that MAGIC's fine-tuning and sampler use. Sets the VAE's
+    ``scaling_factor`` to 1/std of the latents, as SD chose 0.18215 for its VAE.
+    Returns the final losses.
+    """
+    gen = torch.Generator().manual_seed(tiny.seed)
+    images = images.to(device)
+    vae, unet = pipe.vae.to(device), pipe.unet.to(device)
+    pipe.text_encoder.to(device)
+    bs = tiny.pretrain_batch_size
+    losses = {"vae_loss": float("nan"), "unet_loss": float("nan")}
+
+    with _progress(show_progress) as progress:
+        opt = torch.optim.AdamW(vae.parameters(), lr=tiny.pretrain_lr)
+        vae.train()
+        task = progress.add_task("pretrain VAE", total=tiny.pretrain_vae_steps)
+        for _ in range(tiny.pretrain_vae_steps):
+            x = _batch(images, bs, gen)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, gen, device)
+            recon = vae.decode(z).sample
+            loss = F.mse_loss(recon, x) + tiny.pretrain_kl_weight * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses["vae_loss"] = float(loss.detach())
+            progress.advance(task)
+        vae.eval().requires_grad_(False)
+
+        with torch.no_grad():
+            std = float(vae.encode(images).latent_dist.mean.std())
+        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+        sf = vae.config.scaling_factor
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        with torch.no_grad():
+            cond = encode_prompt(pipe, tiny.pretrain_prompt, 1)
+        opt = torch.optim.AdamW(unet.parameters(), lr=tiny.pretrain_lr)
+        unet.train()
+        size = images.shape[-1]
+        task = progress.add_task("pretrain UNet", total=tiny.pretrain_unet_steps)
+        for _ in range(tiny.pretrain_unet_steps):
+            x = _batch(images, bs, gen)
+            masks = random_box_masks(bs, size, tiny.pretrain_mask_max, gen).to(device)
+            with torch.no_grad():
+                both = vae.encode(torch.cat([x, masked_inputs(x, masks)])).latent_dist.mean * sf
+            latents, masked_latents = both.chunk(2)
+            loss = inpainting_loss(unet, noise_scheduler, latents, masks, masked_latents, cond, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            losses["unet_loss"] = float(loss.detach())
+            progress.advance(task)
+    unet.eval().requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return losses
+
+
+def _randn(shape: torch.Size, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Noise drawn on the CPU generator, so runs match across devices and resumes."""
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def inpainting_loss(
+    unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    masks: torch.Tensor,
+    masked_latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE of the inpainting UNet (diffusers' DreamBooth-inpaint objective).
+
+    The UNet input is ``[noisy latents, mask, masked-image latents]`` (9 channels);
+    ``masks`` are at image resolution and resized to the latent grid here.
+    """
+    n = latents.shape[0]
+    device = latents.device
+    noise = _randn(latents.shape, gen, device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
+    t = t.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    m = latent_mask(masks, latents.shape[-1]).to(latents.dtype)
+    model_input = torch.cat([noisy, m, masked_latents], dim=1)
+    if encoder_hidden_states.shape[0] != n:
+        encoder_hidden_states = encoder_hidden_states.expand(n, -1, -1)
+    pred = unet(model_input, t, encoder_hidden_states=encoder_hidden_states).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+# --------------------------------------------------------------------------- tiny cache
+def tiny_cache_dir(cfg: FactoryConfig, category: str, manifest_path: Path) -> Path:
+    """``cache_dir/tiny/<category>-<hash of model config + train images>``."""
+    df = select(read_images(manifest_path), category=category, split="train")
+    if df.empty:
+        raise ValueError(f"{manifest_path}: no 'train' images for category {category!r}")
+    key = {
+        "model": cfg.model.model_dump(mode="json", exclude={"cache_dir", "device", "pretrained"}),
+        "words": tokenizer_words(cfg.finetune, cfg.model.tiny),
+        "scheduler": cfg.generate.scheduler.model_dump(mode="json"),
+        "data": sorted(df["sha256"].tolist()),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.model.cache_dir) / TINY_SUBDIR / f"{category}-{digest}"
+
+
+def train_images(manifest_path: Path, category: str, size: int) -> torch.Tensor:
+    df = select(read_images(manifest_path), category=category, split="train")
+    paths = [resolve_path(p, manifest_path) for p in df["image_path"]]
+    return torch.stack([load_image(p, size) for p in paths])
+
+
+def pretrained_tiny_pipeline(
+    cfg: FactoryConfig, category: str, manifest_path: Path, show_progress: bool = False
+) -> Path:
+    """Build and pretrain the category's tiny model unless cached; return its folder.
+
+    The cache is written to a temporary folder and renamed into place, so an
+    interrupted pretraining never leaves a half-written model behind.
+    """
+    target = tiny_cache_dir(cfg, category, manifest_path)
+    if (target / "model_index.json").is_file():
+        return target
+    device = resolve_device(cfg.model)
+    torch.manual_seed(cfg.model.tiny.seed)
+    pipe = build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
+    images = train_images(manifest_path, category, cfg.model.resolution)
+    losses = pretrain_tiny(pipe, images, cfg.model.tiny, device, show_progress)
+    log.info("tiny pretraining of %s: %s", category, losses)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        (tmp / "pretrain.json").write_text(json.dumps(losses, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+def from_folder(
+    folder: str | Path, model: ModelSection, scheduler: SchedulerSection
+) -> StableDiffusionInpaintPipeline:
+    """Load a diffusers inpainting folder (or hub id), switch to DDIM, move to device/dtype.
+
+    The same call serves the full SD2-inpainting checkpoint and the tiny cache,
+    which is saved in the same layout (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/, model_index.json).
+    """
+    device = resolve_device(model)
+    dtype = resolve_dtype(model, device)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(folder),
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config,
+        beta_start=scheduler.beta_start,
+        beta_end=scheduler.beta_end,
+        beta_schedule=scheduler.beta_schedule,
+        steps_offset=scheduler.steps_offset,
+        prediction_type=scheduler.prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_base_pipeline(
+    cfg: FactoryConfig,
+    category: str | None = None,
+    manifest_path: Path | None = None,
+) -> StableDiffusionInpaintPipeline:
+    """The preset's pipeline: SD2 inpainting from ``model.pretrained``, or the category's
+    pretrained tiny model (built and pretrained on its ``train`` images if not cached)."""
+    if cfg.model.preset == "sd2_inpainting":
+        return from_folder(cfg.model.pretrained, cfg.model, cfg.generate.scheduler)
+    if category is None or manifest_path is None:
+        raise ValueError("model.preset 'tiny' needs a category and an image manifest to pretrain")
+    folder = pretrained_tiny_pipeline(cfg, category, Path(manifest_path))
+    return from_folder(folder, cfg.model, cfg.generate.scheduler)
+
+
+def base_model_id(cfg: FactoryConfig, category: str | None, manifest_path: Path | None) -> str:
+    """What identifies the base weights: the hub id / folder, or the tiny cache folder."""
+    if cfg.model.preset == "sd2_inpainting":
+        return cfg.model.pretrained
+    if category is None or manifest_path is None:
+        raise ValueError("model.preset 'tiny' needs a category and an image manifest")
+    return str(tiny_cache_dir(cfg, category, Path(manifest_path)))

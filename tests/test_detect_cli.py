@@ -1,0 +1,80 @@
+"""``anomaly-factory detect``: metrics and the comparison table, from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from anomaly_factory.cli import app
+from anomaly_factory.config import read_config_file
+from anomaly_factory.detectors.evaluate import LOCALIZATION_METRICS
+from anomaly_factory.generators.registry import get_generator
+
+CATEGORY = "tile_demo"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_config(tmp_path_factory):
+    """The repo's pipelines.yaml with a detect stage of a few steps."""
+    raw = read_config_file(REPO / "pipelines.yaml")
+    raw["detector"].update(epochs=1, steps_per_epoch=2, classifier_epochs=1)
+    path = tmp_path_factory.mktemp("cfg") / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def detected(tmp_path_factory, tiny_config, demo_manifest_path, quick_config):
+    root = tmp_path_factory.mktemp("detect")
+    for anomaly_type in ("crack", "missing"):
+        get_generator("cutpaste")(
+            tiny_config, demo_manifest_path, CATEGORY, anomaly_type, 2, root / "pairs"
+        )
+    args = ["detect", "--pairs", str(root / "pairs" / "pairs.parquet")]
+    args += ["--manifest", str(demo_manifest_path), "--out", str(root / "out")]
+    result = CliRunner().invoke(app, [*args, "--config", str(quick_config)])
+    assert result.exit_code == 0, result.output
+    return root / "out"
+
+
+def test_writes_detector_metrics(detected, demo_manifest_path):
+    report = json.loads((detected / "detector_metrics.json").read_text())
+    assert report["generators"] == ["cutpaste"]
+    assert report["integrity"]["test_split_used_for_selection"] is False
+    assert report["selection"] == "fixed_schedule"
+    localization = report["summary"]["cutpaste/draem_discriminative"]
+    assert set(LOCALIZATION_METRICS) <= set(localization)
+    assert all(0.0 <= v <= 1.0 for v in localization.values())
+
+
+def test_comparison_table_covers_every_generator(detected, tiny_config, demo_manifest):
+    rows = json.loads((detected / "comparison.json").read_text())["rows"]
+    table = pd.read_parquet(detected / "comparison.parquet")
+    assert len(table) == len(rows)
+    localization = table[table["task"] == "localization"]
+    assert sorted(localization["generator"]) == ["cutpaste", "none", "perlin"]
+    assert set(localization["model"]) == {"draem_discriminative", "padim"}
+    assert set(table.loc[table["task"] == "classification", "model"]) == {"resnet34"}
+    in_test = (demo_manifest["category"] == CATEGORY) & (demo_manifest["split"] == "test")
+    n_test = int(in_test.sum())
+    for row in rows:  # every number records its model, seed, schedule and data version
+        assert row["category"] == CATEGORY and row["n_test"] == n_test
+        assert row["model"] and row["schedule"] and row["seed"] == tiny_config.detector.seed
+        assert len(row["manifest_sha256"]) == 64 and row["pairs_sha256"]
+    # baselines get the same number of pairs per type as the given generator
+    pairs = localization.set_index("generator")["n_pairs"]
+    assert pairs["perlin"] == pairs["cutpaste"] == 4 and pairs["none"] == 0
+
+
+def test_missing_pairs_file_fails_clearly(tmp_path, demo_manifest_path):
+    args = ["detect", "--pairs", str(tmp_path / "nope.parquet")]
+    args += ["--manifest", str(demo_manifest_path), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "nope.parquet does not exist" in result.output
