@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import socket
 from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -15,3 +17,27 @@ CACHE = INPUTS + TASK_SOURCE
 
 def config_from(cfg_json: dict[str, Any]) -> FactoryConfig:
     return FactoryConfig.model_validate(cfg_json)
+
+
+# Errors worth retrying: the network, the file system, a dead worker. A bad value
+# or a bug fails the same way every time, so it fails at once.
+TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException, OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    names = {c.__name__ for c in type(exc).__mro__}
+    return isinstance(exc, TRANSIENT) or bool(
+        names
+        & {"StageCrashed", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}
+    )
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn`` for Prefect tasks: retry only transient failures."""
+    try:
+        state.result()
+    except BaseException as exc:  # the task's own exception is re-raised here
+        return is_transient(exc)
+    return False

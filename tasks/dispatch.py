@@ -20,7 +20,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Crashed
 from prefect.variables import Variable
 
-from tasks.common import CACHE, config_from
+from tasks.common import CACHE, config_from, retry_transient
 
 GPU_CONCURRENCY = "gpu"  # global concurrency limit bounding GPU stages in flight
 POLL_S = 2.0
@@ -65,7 +65,14 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
             time.sleep(POLL_S)
 
 
-@task(name="gpu-stage", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=3)
+@task(
+    name="gpu-stage",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=retry_transient,
+)
 def dispatch_gpu_stage(
     cfg_json: dict[str, Any],
     stage: str,

@@ -9,14 +9,21 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from anomaly_factory.layout import RunLayout
-from tasks.common import CACHE, config_from
+from tasks.common import CACHE, config_from, retry_transient
 
 
 def _layout(cfg_json: dict[str, Any], version: str, root: str) -> RunLayout:
     return RunLayout(config_from(cfg_json), version, Path(root))
 
 
-@task(name="ingest", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=5)
+@task(
+    name="ingest",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+)
 def ingest_dataset(
     cfg_json: dict[str, Any], dataset_index: int, version: str, root: str, code: str
 ) -> str:
@@ -51,7 +58,14 @@ def combine_manifests(parts: list[str], out: str, code: str) -> str:
     return out
 
 
-@task(name="finetune", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=5)
+@task(
+    name="finetune",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+)
 def finetune_type(
     cfg_json: dict[str, Any],
     manifest: str,
@@ -75,7 +89,14 @@ def finetune_type(
     return str(out)
 
 
-@task(name="generate", cache_policy=CACHE, persist_result=True, retries=2, retry_delay_seconds=5)
+@task(
+    name="generate",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+)
 def generate_type(
     cfg_json: dict[str, Any],
     manifest: str,
@@ -138,7 +159,13 @@ def _gate_summary(result: Any, reports: Path) -> dict[str, Any]:
     }
 
 
-@task(name="detectors", cache_policy=CACHE, persist_result=True, retries=1)
+@task(
+    name="detectors",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
 def run_detectors(
     cfg_json: dict[str, Any], pairs: str, manifest: str, version: str, root: str, code: str
 ) -> str:
@@ -169,7 +196,7 @@ def write_shards(
     )
 
 
-@task(name="publish", retries=3, retry_delay_seconds=10)
+@task(name="publish", retries=3, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def publish_version(cfg_json: dict[str, Any], version: str, root: str) -> str:
     from anomaly_factory.cli.publish import publish_version as publish
 

@@ -33,7 +33,6 @@ FAST = {
         "tiny": {"pretrain_vae_steps": 4, "pretrain_unet_steps": 4, "pretrain_batch_size": 2},
     },
     "finetune": {"steps": 2, "batch_size": 2, "resolution": 32, "checkpoint_every": 1},
-    "masks": {"generator": {"steps": 4, "sample_steps": 2, "resolution": 16}},
     "generate": {"n_pairs": 2, "steps": 2, "batch_size": 2},
     "gates": {"kid": {"subset_size": 2, "subsets": 2}, "lpips": {"resolution": 32}},
     "detector": {"resolution": 32, "epochs": 1, "batch_size": 4},
