@@ -170,6 +170,114 @@ def lpips_pairs(model: Any, a: Any, b: Any) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
+# LPIPS(x, y) runs the trunk on x and on y, then compares the unit-normalised layers
+# through the linear heads. IC-LPIPS compares each generated image with every few-shot
+# image and with up to ``max_per_cluster - 1`` cluster mates, so running the trunk per
+# pair repeats each image's trunk pass up to ~50 times (bench/gates.py: 7x slower). Below,
+# the trunk runs once per image and only the heads run per pair, with the operations and
+# pair batches of ``lpips.LPIPS.forward``. On CPU a convolution's result for one image
+# does not depend on the other images in its batch, but a batch of ONE takes another
+# oneDNN kernel whose last bits differ; so trunk batches of one are padded to two, except
+# where ``lpips_pairs`` itself ran a batch of one (``alone``). The distances are then
+# bit-identical to ``lpips_pairs`` (checked by bench/gates.py).
+def _check_plain_lpips(model: Any) -> None:
+    if not model.lpips or model.spatial or model.version != "0.1":
+        raise LPIPSError("feature-cached LPIPS needs lpips=True, spatial=False, version 0.1")
+
+
+def lpips_features(model: Any, images: Any, alone: bool = False) -> list[Any]:
+    """Unit-normalised trunk layers of ``images`` (N x 3 x R x R in [-1, 1]), batched.
+
+    ``alone`` runs every image in a batch of its own (what ``lpips_pairs`` does for a
+    last batch of one pair); otherwise no trunk batch holds a single image.
+    """
+    import lpips
+    import torch
+
+    _check_plain_lpips(model)
+    device = next(model.parameters()).device
+    step = 1 if alone else BATCH
+    layers: list[list[Any]] = [[] for _ in range(model.L)]
+    with torch.no_grad():
+        for s in range(0, len(images), step):
+            x = images[s : s + step].to(device)
+            m = len(x)
+            if m == 1 and not alone:
+                x = torch.cat([x, x])
+            outs = model.net.forward(model.scaling_layer(x))
+            for kk in range(model.L):
+                layers[kk].append(lpips.normalize_tensor(outs[kk])[:m])
+    return [torch.cat(parts) for parts in layers]
+
+
+def lpips_from_features(model: Any, fa: list[Any], fb: list[Any]) -> np.ndarray:
+    """LPIPS between rows of two feature sets from ``lpips_features`` (same length)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(fa[0]), BATCH):
+            val = 0
+            for kk in range(model.L):
+                diff = (fa[kk][s : s + BATCH] - fb[kk][s : s + BATCH]) ** 2
+                val += model.lins[kk](diff).mean([2, 3], keepdim=True)
+            out.append(val.reshape(-1).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _rows(features: list[Any], idx: Any) -> list[Any]:
+    return [layer[idx] for layer in features]
+
+
+def _distances_to_shots(model: Any, gen: Any, shots: Any) -> np.ndarray:
+    """n_gen x n_shot LPIPS, one trunk pass per generated image."""
+    n_gen, n_shot = len(gen), len(shots)
+    shot_feats = {False: lpips_features(model, shots)}
+    out = np.zeros((n_gen, n_shot))
+    for s in range(0, n_gen, BATCH):
+        m = len(gen[s : s + BATCH])
+        alone = m == 1
+        if alone not in shot_feats:
+            shot_feats[alone] = lpips_features(model, shots, alone)
+        chunk = lpips_features(model, gen[s : s + BATCH], alone)
+        for f in range(n_shot):
+            shot = [layer[f : f + 1].expand(m, *layer.shape[1:]) for layer in shot_feats[alone]]
+            out[s : s + m, f] = lpips_from_features(model, chunk, shot)
+    return out
+
+
+def _distances_of_pairs(model: Any, gen: Any, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """LPIPS of index pairs of ``gen``, in order; each image's trunk runs once.
+
+    Features are kept from an image's first pair batch to its last, so memory holds
+    about one cluster's images (pairs come grouped by cluster).
+    """
+    import torch
+
+    batches = [pairs[s : s + BATCH] for s in range(0, len(pairs), BATCH)]
+    last_use = {i: b for b, batch in enumerate(batches) for pair in batch for i in pair}
+    cache: dict[int, list[Any]] = {}
+    out = []
+    for b, batch in enumerate(batches):
+        if len(batch) == 1:
+            (i, j), *_ = batch
+            fa, fb = (lpips_features(model, gen[[k]], alone=True) for k in (i, j))
+            out.append(lpips_from_features(model, fa, fb))
+            continue
+        missing = sorted({i for pair in batch for i in pair} - cache.keys())
+        if missing:
+            feats = lpips_features(model, gen[missing])
+            cache.update({i: _rows(feats, slice(k, k + 1)) for k, i in enumerate(missing)})
+        fa, fb = (
+            [torch.cat(layer) for layer in zip(*(cache[p[side]] for p in batch), strict=True)]
+            for side in (0, 1)
+        )
+        out.append(lpips_from_features(model, fa, fb))
+        for i in [i for i in cache if last_use[i] == b]:
+            del cache[i]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def ic_lpips(
     model: Any,
     generated: Sequence[np.ndarray],
@@ -182,21 +290,11 @@ def ic_lpips(
         return ICLPIPSResult(math.nan, [], [], "no generated or no few-shot images")
     gen = to_tensor(generated, resolution)
     shots = to_tensor(fewshot, resolution)
-    n_gen, n_shot = len(gen), len(shots)
-    to_shot = np.stack(
-        [
-            lpips_pairs(model, gen, shots[f : f + 1].expand(n_gen, -1, -1, -1))
-            for f in range(n_shot)
-        ],
-        axis=1,
-    )
-    assignment = to_shot.argmin(axis=1)
+    n_shot = len(shots)
+    assignment = _distances_to_shots(model, gen, shots).argmin(axis=1)
     pairs = []
     for c in range(n_shot):
         kept = np.flatnonzero(assignment == c)[:max_per_cluster]
         pairs.extend(combinations(kept.tolist(), 2))
-    values = {}
-    if pairs:
-        ia, ib = (list(x) for x in zip(*pairs, strict=True))
-        values = dict(zip(pairs, lpips_pairs(model, gen[ia], gen[ib]).tolist(), strict=True))
+    values = dict(zip(pairs, _distances_of_pairs(model, gen, pairs).tolist(), strict=True))
     return ic_lpips_from_distances(assignment, lambda i, j: values[(i, j)], max_per_cluster, n_shot)
