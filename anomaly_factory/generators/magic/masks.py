@@ -1,0 +1,383 @@
+"""Mask generation per anomaly type, MAGIC §3.1 (and the public code's alternative).
+
+MAGIC samples new defect masks from a generator trained on each type's few
+``fewshot`` masks. Here that generator is a small unconditional DDPM over
+low-resolution masks (diffusers ``UNet2DModel`` + ``DDPMScheduler``), trained
+with flips / right-angle rotations / shifts so that a handful of masks give a
+distribution rather than copies. Sampling uses DDIM (eta 0), so a mask is a
+deterministic function of its seed. Samples are upsampled, thresholded (0.8 in
+AnomalyDiffusion's generator) and rejected when empty, outside
+``masks.min_area .. max_area``, or covering more than ``max_border_fraction`` of
+any image border.
+
+The public code instead reuses 504 masks per type from AnomalyDiffusion's
+generator: ``masks.source: folder`` takes masks from a folder
+(:class:`FolderMaskSource`) under the same rejection rules.
+
+Both sources expose ``masks(n, size) -> list[np.ndarray]`` (bool HxW), so
+mask ``i`` is the same whatever else is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from anomaly_factory.config import MaskGeneratorSection, MasksSection
+from anomaly_factory.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+GENERATOR_FILE = "mask_generator.json"
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (seed, names, indices), stable across runs and machines."""
+    text = json.dumps([str(p) for p in parts])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- rejection rules
+def rejection_reason(
+    mask: np.ndarray, min_area: float, max_area: float, max_border_fraction: float
+) -> str | None:
+    """Why a mask is rejected (``"empty"``, ``"area"``, ``"border"``), or None if accepted.
+
+    Border rule (AnomalyDiffusion's generator): more than ``max_border_fraction`` of
+    any of the four image borders covered.
+    """
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return "empty"
+    area = float(m.mean())
+    if not min_area <= area <= max_area:
+        return "area"
+    borders = (m[0, :], m[-1, :], m[:, 0], m[:, -1])
+    if max(float(b.mean()) for b in borders) > max_border_fraction:
+        return "border"
+    return None
+
+
+def _accept(mask: np.ndarray, cfg: MasksSection) -> str | None:
+    return rejection_reason(mask, cfg.min_area, cfg.max_area, cfg.max_border_fraction)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask to ``size`` x ``size``."""
+    img = Image.fromarray(np.asarray(mask, np.uint8) * 255)
+    return np.asarray(img.resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Bool mask from an image file; any non-zero value is defect (VisA stores labels)."""
+    try:
+        return np.asarray(Image.open(path).convert("L")) > 0
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"{path}: cannot read mask: {exc}") from exc
+
+
+def fewshot_masks(
+    manifest_path: Path, category: str, anomaly_type: str, size: int
+) -> tuple[np.ndarray, list[str]]:
+    """The type's ``fewshot`` masks at ``size`` px (N, size, size) bool, and their paths."""
+    from anomaly_factory.generators.magic.models import resolve_path
+    from anomaly_factory.manifest import read_images, select
+
+    df = select(read_images(manifest_path), category, anomaly_type, "fewshot")
+    if df.empty:
+        raise ValueError(
+            f"{manifest_path}: no fewshot images for category {category!r}, "
+            f"anomaly type {anomaly_type!r}"
+        )
+    paths = [str(resolve_path(p, manifest_path)) for p in df["mask_path"]]
+    return np.stack([resize_mask(read_mask(Path(p)), size) for p in paths]), paths
+
+
+# --------------------------------------------------------------------------- the DDPM
+def build_mask_unet(section: MaskGeneratorSection):
+    """A small unconditional UNet over 1-channel masks at ``section.resolution``."""
+    from diffusers import UNet2DModel
+
+    n = len(section.channels)
+    return UNet2DModel(
+        sample_size=section.resolution,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(section.channels),
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        layers_per_block=1,
+        norm_num_groups=section.norm_num_groups,
+    )
+
+
+def _augment(x: torch.Tensor, section: MaskGeneratorSection, gen: torch.Generator) -> torch.Tensor:
+    """Random flips, right-angle rotations and zero-padded shifts, per sample."""
+    out = []
+    size = x.shape[-1]
+    max_shift = int(round(section.augment_shift * size))
+    for m in x:
+        if section.augment_flip:
+            if torch.rand(1, generator=gen) < 0.5:
+                m = m.flip(-1)
+            if torch.rand(1, generator=gen) < 0.5:
+                m = m.flip(-2)
+        if section.augment_rot90:
+            m = torch.rot90(m, int(torch.randint(0, 4, (1,), generator=gen)), (-2, -1))
+        if max_shift:
+            dy, dx = (torch.randint(-max_shift, max_shift + 1, (2,), generator=gen)).tolist()
+            padded = F.pad(m, (max_shift,) * 4, value=-1.0)
+            y0, x0 = max_shift - dy, max_shift - dx
+            m = padded[..., y0 : y0 + size, x0 : x0 + size]
+        out.append(m)
+    return torch.stack(out)
+
+
+@dataclass
+class MaskGenerator:
+    """A trained mask DDPM: ``unet`` predicts noise on masks scaled to [-1, 1]."""
+
+    unet: torch.nn.Module
+    section: MaskGeneratorSection
+    info: dict
+
+    @classmethod
+    def fit(cls, masks: np.ndarray, section: MaskGeneratorSection, seed: int) -> MaskGenerator:
+        """Train on (N, H, W) bool masks (resized to ``section.resolution``); CPU-deterministic."""
+        from diffusers import DDPMScheduler
+
+        if len(masks) == 0:
+            raise ValueError("mask generator: no training masks")
+        r = section.resolution
+        data = torch.from_numpy(np.stack([resize_mask(m, r) for m in masks])).float()
+        data = data[:, None] * 2 - 1
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the UNet's initial weights
+        unet = build_mask_unet(section)
+        sched = DDPMScheduler(
+            num_train_timesteps=section.train_timesteps, prediction_type=section.prediction_type
+        )
+        opt = torch.optim.AdamW(unet.parameters(), lr=section.lr)
+        unet.train()
+        loss = torch.tensor(float("nan"))
+        for _ in range(section.steps):
+            idx = torch.randint(0, len(data), (section.batch_size,), generator=gen)
+            x0 = _augment(data[idx], section, gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, section.train_timesteps, (len(x0),), generator=gen)
+            pred = unet(sched.add_noise(x0, noise, t), t).sample
+            loss = F.mse_loss(pred, x0 if section.prediction_type == "sample" else noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        unet.eval().requires_grad_(False)
+        info = {"n_train": len(masks), "seed": seed, "final_loss": float(loss.detach())}
+        return cls(unet, section, info)
+
+    @torch.no_grad()
+    def sample_soft(self, seeds: list[int]) -> torch.Tensor:
+        """Soft masks in [0, 1], (len(seeds), 1, r, r); sample i depends only on seeds[i]."""
+        from diffusers import DDIMScheduler
+
+        r = self.section.resolution
+        sched = DDIMScheduler(
+            num_train_timesteps=self.section.train_timesteps,
+            prediction_type=self.section.prediction_type,
+            clip_sample=True,
+            set_alpha_to_one=True,
+        )
+        sched.set_timesteps(self.section.sample_steps)
+        device = next(self.unet.parameters()).device
+        x = torch.cat(
+            [torch.randn((1, 1, r, r), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(device)
+        for t in sched.timesteps:
+            x = sched.step(self.unet(x, t).sample, t, x).prev_sample
+        return ((x.clamp(-1, 1) + 1) / 2).cpu()
+
+    def save(self, folder: Path) -> Path:
+        """diffusers folder (config.json + safetensors) plus ``mask_generator.json``."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder, safe_serialization=True)
+        atomic_write_json(
+            folder / GENERATOR_FILE, {"section": self.section.model_dump(mode="json"), **self.info}
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> MaskGenerator:
+        from diffusers import UNet2DModel
+
+        folder = Path(folder)
+        meta_path = folder / GENERATOR_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: not a saved mask generator")
+        meta = json.loads(meta_path.read_text())
+        section = MaskGeneratorSection.model_validate(meta.pop("section"))
+        unet = UNet2DModel.from_pretrained(folder).eval().requires_grad_(False)
+        return cls(unet, section, meta)
+
+
+# --------------------------------------------------------------------------- sources
+class GeneratorMaskSource:
+    """Masks sampled from a :class:`MaskGenerator`, with rejection, deterministic by seed.
+
+    Mask ``i`` is the first accepted candidate among tries ``j = 0, 1, ...`` seeded
+    by ``derive_seed(seed, i, j)``. Candidates are denoised in chunks of
+    ``generator.batch_size`` fixed mask indices, so a run's masks never depend on
+    how many are asked for beyond the chunk.
+    """
+
+    name = "generator"
+
+    def __init__(self, generator: MaskGenerator, cfg: MasksSection, seed: int):
+        self.generator, self.cfg, self.seed = generator, cfg, seed
+        self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0}
+
+    def masks(self, n: int, size: int) -> list[np.ndarray]:
+        found = self.masks_for(range(n), n, size)
+        return [found[i] for i in range(n)]
+
+    def masks_for(self, indices, n: int, size: int) -> dict[int, np.ndarray]:
+        """Masks ``indices`` of a run of ``n`` (only their chunks are denoised)."""
+        chunk = self.cfg.generator.batch_size
+        out: dict[int, np.ndarray] = {}
+        for c in sorted({i // chunk for i in indices}):
+            ids = list(range(c * chunk, min(n, (c + 1) * chunk)))
+            out.update(zip(ids, self._chunk(ids, size), strict=True))
+        return {i: out[i] for i in indices}
+
+    def _chunk(self, indices: list[int], size: int) -> list[np.ndarray]:
+        found: dict[int, np.ndarray] = {}
+        threshold = self.cfg.generator.threshold
+        for j in range(self.cfg.max_tries_per_mask):
+            pending = [i for i in indices if i not in found]
+            if not pending:
+                break
+            soft = self.generator.sample_soft([derive_seed(self.seed, i, j) for i in pending])
+            soft = F.interpolate(soft, size=(size, size), mode="bilinear", align_corners=False)
+            for i, s in zip(pending, soft, strict=True):
+                m = s[0].numpy() > threshold
+                reason = _accept(m, self.cfg)
+                if reason is None:
+                    found[i] = m
+                else:
+                    self.rejected[reason] += 1
+        missing = [i for i in indices if i not in found]
+        if missing:
+            raise RuntimeError(
+                f"mask generator: masks {missing} rejected {self.cfg.max_tries_per_mask} times "
+                f"(rejections so far: {self.rejected}); train longer (masks.generator.steps) "
+                f"or relax masks.min_area/max_area/max_border_fraction"
+            )
+        return [found[i] for i in indices]
+
+
+class FolderMaskSource:
+    """Masks from a folder (e.g. the 504-per-type masks of the public MAGIC release).
+
+    ``folder/<category>/<type>``, then ``folder/<type>``, then ``folder`` itself is
+    used, whichever exists first. Files are read in name order, shuffled once by
+    ``seed``; masks failing the rejection rules are skipped; mask ``i`` cycles
+    through the rest.
+    """
+
+    name = "folder"
+
+    def __init__(
+        self, folder: Path, cfg: MasksSection, seed: int, category: str, anomaly_type: str
+    ):
+        folder = Path(folder)
+        for cand in (folder / category / anomaly_type, folder / anomaly_type, folder):
+            if cand.is_dir():
+                folder = cand
+                break
+        else:
+            raise FileNotFoundError(f"masks.folder: {folder} is not a folder")
+        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"masks.folder: {folder} holds no mask images {MASK_SUFFIXES}")
+        self.folder, self.cfg = folder, cfg
+        self.order = np.random.default_rng(seed).permutation(len(self.files))
+        self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0}
+
+    def masks_for(self, indices, n: int, size: int) -> dict[int, np.ndarray]:
+        all_masks = self.masks(n, size)
+        return {i: all_masks[i] for i in indices}
+
+    def masks(self, n: int, size: int) -> list[np.ndarray]:
+        accepted: list[np.ndarray] = []
+        for k in self.order:
+            m = resize_mask(read_mask(self.files[k]), size)
+            reason = _accept(m, self.cfg)
+            if reason is None:
+                accepted.append(m)
+            else:
+                self.rejected[reason] += 1
+            if len(accepted) >= n:
+                break
+        if not accepted:
+            raise ValueError(
+                f"masks.folder: every mask in {self.folder} fails the rejection rules "
+                f"({self.rejected})"
+            )
+        return [accepted[i % len(accepted)] for i in range(n)]
+
+
+def load_or_train_generator(
+    cfg: MasksSection,
+    manifest_path: Path,
+    category: str,
+    anomaly_type: str,
+    folder: Path | None = None,
+) -> MaskGenerator:
+    """Load the type's mask generator from ``folder`` if saved there, else train (and save)."""
+    if folder is not None and (Path(folder) / GENERATOR_FILE).is_file():
+        gen = MaskGenerator.load(folder)
+        if gen.section != cfg.generator:
+            raise ValueError(
+                f"{folder}: saved mask generator settings differ from masks.generator; "
+                f"delete the folder to retrain"
+            )
+        return gen
+    train, _ = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
+    gen = MaskGenerator.fit(train, cfg.generator, derive_seed(cfg.seed, category, anomaly_type))
+    if folder is not None:
+        gen.save(folder)
+    return gen
+
+
+def mask_source(
+    cfg: MasksSection,
+    manifest_path: Path,
+    category: str,
+    anomaly_type: str,
+    generator_dir: Path | None = None,
+    folder: Path | None = None,
+) -> GeneratorMaskSource | FolderMaskSource:
+    """The configured mask source of one (category, type); ``folder`` overrides the config."""
+    seed = derive_seed(cfg.seed, category, anomaly_type)
+    folder = folder if folder is not None else (cfg.folder if cfg.source == "folder" else None)
+    if folder is not None:
+        return FolderMaskSource(folder, cfg, seed, category, anomaly_type)
+    gen = load_or_train_generator(cfg, manifest_path, category, anomaly_type, generator_dir)
+    return GeneratorMaskSource(gen, cfg, seed)
+
+
+def nearest_iou(masks: list[np.ndarray], train: np.ndarray) -> np.ndarray:
+    """For each mask, its IoU with the most similar training mask (1.0 means a copy)."""
+    out = []
+    for m in masks:
+        inter = np.logical_and(train, m[None]).sum(axis=(1, 2))
+        union = np.logical_or(train, m[None]).sum(axis=(1, 2))
+        out.append(float(np.max(inter / np.maximum(union, 1))))
+    return np.asarray(out)

@@ -1,0 +1,218 @@
+"""MAGIC's sampler: one DDIM denoising loop with SAG, GPP and optional MGNI / paste-back.
+
+The loop reads like ``StableDiffusionInpaintPipeline.__call__`` and reuses its
+pieces (``encode_prompt``, ``prepare_latents``, ``prepare_mask_latents``, the
+image/mask processors, ``scheduler.step``, VAE decode), changing only what
+MAGIC changes (CONTEXT §1):
+
+* **SAG** (§3.3): ``eps = eps_u + W * (eps_c - eps_u)`` with a per-position
+  weight, ``w_in`` rising from ``w_m`` to ``w_d`` inside the mask
+  (:mod:`.sag`). With ``w_m == w_d`` and ``sigma == 0`` the loop is exactly the
+  stock pipeline at ``strength=1.0``.
+* **GPP at inference** (§3.2): the conditional prompt embedding is perturbed
+  once per generated image (seeded by that image's seed), the same draw at every
+  step; the unconditional branch is untouched.
+* **MGNI** (public code's final version, optional): per-position DDIM eta,
+  ``eta_inside`` in the mask and ``eta_outside`` elsewhere, so extra noise enters
+  only the defect. Each position's DDIM update depends only on that position, so
+  two ``scheduler.step`` calls sharing one noise draw, blended by the binary
+  latent mask, are exactly a per-position eta.
+* **Paste-back** (optional): the decoded image is blended with the normal image
+  outside the mask, ``alpha`` falling linearly from 1 at the mask edge to 0 at
+  ``feather_px + 1`` pixels away, so the normal region beyond it is exact (no VAE
+  round trip).
+
+Randomness is per image: image ``b`` uses ``torch.Generator().manual_seed(seeds[b])``
+(CPU, so results match across devices) for its initial noise, its VAE latent
+sample and any eta noise, as the stock pipeline does with a list of generators.
+An image therefore depends on its own seed and not on the others in the batch,
+up to the floating-point differences of batched kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
+
+from anomaly_factory.config import GenerateSection
+from anomaly_factory.generators.magic.gpp import gaussian_prompt_perturbation
+from anomaly_factory.generators.magic.masks import derive_seed
+from anomaly_factory.generators.magic.sag import sag_schedule, spatially_adaptive_guidance
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Settings of one sampling run (``generate:`` in pipelines.yaml)."""
+
+    steps: int = 50
+    w_m: float = 4.0
+    w_d: float = 7.5
+    sigma: float = 0.0
+    eta: float = 0.0
+    mgni: bool = False
+    eta_inside: float = 1.0
+    eta_outside: float = 0.0
+    paste_back: bool = False
+    feather_px: int = 3
+
+    @classmethod
+    def from_config(cls, g: GenerateSection) -> SamplerOptions:
+        return cls(
+            steps=g.steps,
+            w_m=g.sag.w_m,
+            w_d=g.sag.w_d,
+            sigma=g.gpp.sigma,
+            mgni=g.mgni.enabled,
+            eta_inside=g.mgni.eta_inside,
+            eta_outside=g.mgni.eta_outside,
+            paste_back=g.paste_back.enabled,
+            feather_px=g.paste_back.feather_px,
+        )
+
+
+def cpu_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def perturb_conditional(
+    cond: torch.Tensor, sigma: float, positions: torch.Tensor | None, seeds: list[int]
+) -> torch.Tensor:
+    """GPP on the conditional embeddings: row ``b`` gets its own draw from ``seeds[b]``."""
+    if sigma == 0:
+        return cond
+    rows = [
+        gaussian_prompt_perturbation(
+            cond[b : b + 1], sigma, positions, torch.Generator().manual_seed(derive_seed(s, "gpp"))
+        )
+        for b, s in enumerate(seeds)
+    ]
+    return torch.cat(rows)
+
+
+def feather_alpha(mask: np.ndarray, feather_px: int) -> np.ndarray:
+    """Blend weight of the generated image: 1 on the mask, linear to 0 over ``feather_px`` px."""
+    mask = np.asarray(mask, bool)
+    if feather_px == 0 or not mask.any():
+        return mask.astype(np.float32)
+    dist = distance_transform_edt(~mask)
+    return np.clip(1.0 - dist / (feather_px + 1), 0.0, 1.0).astype(np.float32)
+
+
+def paste_back(
+    generated: np.ndarray, normal: np.ndarray, masks: list[np.ndarray], feather_px: int
+) -> np.ndarray:
+    """``alpha * generated + (1 - alpha) * normal`` per image, (B, H, W, 3) floats in [0, 1]."""
+    alpha = np.stack([feather_alpha(m, feather_px) for m in masks])[..., None]
+    return alpha * generated + (1 - alpha) * normal
+
+
+def _to_pil(images: list[np.ndarray] | np.ndarray, masks: list[np.ndarray]):
+    pil_images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+    pil_masks = [
+        m if isinstance(m, Image.Image) else Image.fromarray(np.asarray(m, np.uint8) * 255)
+        for m in masks
+    ]
+    return pil_images, pil_masks
+
+
+@torch.no_grad()
+def magic_inpaint(
+    pipe,
+    images: list[np.ndarray] | list[Image.Image],
+    masks: list[np.ndarray] | list[Image.Image],
+    seeds: list[int],
+    prompt: str,
+    options: SamplerOptions,
+    gpp_positions: torch.Tensor | None = None,
+    negative_prompt: str = "",
+    height: int | None = None,
+    width: int | None = None,
+) -> np.ndarray:
+    """Inpaint ``masks`` on ``images`` (one UNet call per step for the whole batch).
+
+    ``images`` are uint8 HxWx3 arrays (or PIL), ``masks`` bool HxW arrays (or PIL,
+    white = defect); ``seeds`` one per image. Returns (B, H, W, 3) float32 in
+    [0, 1], as the stock pipeline's ``output_type="np"``.
+    """
+    n = len(images)
+    if not n == len(masks) == len(seeds):
+        raise ValueError(f"{n} images, {len(masks)} masks and {len(seeds)} seeds differ in number")
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    device = pipe._execution_device
+    generators = cpu_generators(seeds)
+    pil_images, pil_masks = _to_pil(images, masks)
+
+    # 1. prompts: unconditional untouched, GPP on the conditional branch only
+    cond, uncond = pipe.encode_prompt(prompt, device, n, True, negative_prompt)
+    cond = perturb_conditional(cond, options.sigma, gpp_positions, seeds)
+    prompt_embeds = torch.cat([uncond, cond])
+
+    # 2. timesteps: DDIM from pure noise (strength 1.0)
+    pipe.scheduler.set_timesteps(options.steps, device=device)
+    timesteps = pipe.scheduler.timesteps
+
+    # 3. latents, then mask and masked-image latents (the stock order of generator use)
+    init_image = pipe.image_processor.preprocess(pil_images, height=height, width=width)
+    init_image = init_image.to(dtype=torch.float32)
+    (latents,) = pipe.prepare_latents(
+        n, pipe.vae.config.latent_channels, height, width, prompt_embeds.dtype, device, generators
+    )
+    mask_condition = pipe.mask_processor.preprocess(pil_masks, height=height, width=width)
+    masked_image = init_image * (mask_condition < 0.5)
+    mask, masked_image_latents = pipe.prepare_mask_latents(
+        mask_condition,
+        masked_image,
+        n,
+        height,
+        width,
+        prompt_embeds.dtype,
+        device,
+        generators,
+        True,
+    )
+    mask_latent = mask[:n]  # binary, on the latent grid
+
+    # 4. denoising loop
+    w_in = sag_schedule(options.w_m, options.w_d, len(timesteps)).tolist()
+    for i, t in enumerate(timesteps):
+        model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
+        noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
+        eps_u, eps_c = noise_pred.chunk(2)
+        eps = spatially_adaptive_guidance(eps_u, eps_c, mask_latent, w_in[i], options.w_d)
+        latents = _ddim_step(pipe.scheduler, eps, t, latents, mask_latent, options, generators)
+
+    # 5. decode, optional paste-back
+    decoded = pipe.vae.decode(
+        latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators
+    )[0]
+    out = pipe.image_processor.postprocess(decoded, output_type="np")
+    if options.paste_back:
+        normal = ((init_image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        binary = [m[0].cpu().numpy() >= 0.5 for m in mask_condition]
+        out = paste_back(out, normal, binary, options.feather_px).astype(np.float32)
+    return out
+
+
+def _ddim_step(scheduler, eps, t, latents, mask_latent, options, generators) -> torch.Tensor:
+    """One DDIM step; with MGNI, eta is ``eta_inside`` in the mask and ``eta_outside`` out."""
+    if not options.mgni:
+        return scheduler.step(
+            eps, t, latents, eta=options.eta, generator=generators, return_dict=False
+        )[0]
+    noise = randn_tensor(eps.shape, generator=generators, device=eps.device, dtype=eps.dtype)
+    inside = scheduler.step(
+        eps, t, latents, eta=options.eta_inside, variance_noise=noise, return_dict=False
+    )[0]
+    if options.eta_outside == options.eta_inside:
+        return inside
+    outside = scheduler.step(
+        eps, t, latents, eta=options.eta_outside, variance_noise=noise, return_dict=False
+    )[0]
+    return mask_latent * inside + (1 - mask_latent) * outside

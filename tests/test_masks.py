@@ -1,0 +1,108 @@
+"""Mask generator (MAGIC §3.1): rejection rules, novelty, determinism, save/load, folder source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly_factory.config import MaskGeneratorSection, MasksSection
+from anomaly_factory.generators.magic import masks as M
+from anomaly_factory.io import save_png
+
+RULES = {"min_area": 0.001, "max_area": 0.3, "max_border_fraction": 1 / 3}
+
+
+def _mask(size=32, box=None):
+    m = np.zeros((size, size), bool)
+    if box:
+        y0, y1, x0, x1 = box
+        m[y0:y1, x0:x1] = True
+    return m
+
+
+@pytest.mark.parametrize(
+    ("box", "reason"),
+    [
+        (None, "empty"),
+        ((0, 32, 0, 32), "area"),  # covers everything
+        ((10, 11, 10, 11), "area"),  # 1 px of 1024 < 0.001
+        ((0, 3, 2, 14), "border"),  # 12 of 32 top-border pixels > 1/3
+        ((0, 3, 2, 12), None),  # 10 of 32: allowed
+        ((8, 16, 8, 16), None),
+    ],
+)
+def test_rejection_rules(box, reason):
+    assert M.rejection_reason(_mask(box=box), **RULES) == reason
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert M.derive_seed(0, "a", 1) == M.derive_seed(0, "a", 1)
+    assert M.derive_seed(0, "a", 1) != M.derive_seed(0, "a", 2)
+    assert 0 <= M.derive_seed("x") < 2**63
+
+
+@pytest.fixture(scope="module")
+def trained(demo_manifest_path):
+    section = MaskGeneratorSection(resolution=32, steps=200, sample_steps=10, batch_size=8)
+    cfg = MasksSection(seed=3, generator=section, max_area=0.3, max_tries_per_mask=40)
+    train, _ = M.fewshot_masks(demo_manifest_path, "carpet_demo", "stain", 64)
+    return cfg, train, M.MaskGenerator.fit(train, section, seed=0)
+
+
+@pytest.mark.slow
+def test_generated_masks_obey_rules_and_are_new(trained, tmp_path):
+    cfg, train, gen = trained
+    src = M.GeneratorMaskSource(gen, cfg, seed=7)
+    masks = src.masks(6, 64)
+    for m in masks:
+        assert m.shape == (64, 64)
+        assert M.rejection_reason(m, cfg.min_area, cfg.max_area, cfg.max_border_fraction) is None
+    iou = M.nearest_iou(masks, train)
+    print(f"nearest-training-mask IoU: {np.round(iou, 3).tolist()}, rejected {src.rejected}")
+    print(f"areas: {[round(float(m.mean()), 4) for m in masks]}, train {train.mean((1, 2))}")
+    assert np.all(iou < 1.0)
+    assert len({m.tobytes() for m in masks}) == len(masks)
+
+    # deterministic by seed; mask i does not depend on how many are asked for
+    again = M.GeneratorMaskSource(gen, cfg, seed=7).masks(6, 64)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, again, strict=True))
+    part = M.GeneratorMaskSource(gen, cfg, seed=7).masks_for([2], 6, 64)
+    assert np.array_equal(part[2], masks[2])
+    other = M.GeneratorMaskSource(gen, cfg, seed=8).masks(6, 64)
+    assert not all(np.array_equal(a, b) for a, b in zip(masks, other, strict=True))
+
+    # safetensors round trip gives the same masks
+    gen.save(tmp_path / "gen")
+    assert (tmp_path / "gen" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = M.MaskGenerator.load(tmp_path / "gen")
+    assert loaded.section == gen.section
+    reloaded = M.GeneratorMaskSource(loaded, cfg, seed=7).masks(6, 64)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, reloaded, strict=True))
+
+
+def test_impossible_rules_fail_clearly(trained):
+    cfg, _, gen = trained
+    strict = cfg.model_copy(update={"min_area": 0.9, "max_area": 0.95, "max_tries_per_mask": 2})
+    with pytest.raises(RuntimeError, match="rejected 2 times"):
+        M.GeneratorMaskSource(gen, strict, seed=0).masks(1, 32)
+
+
+def test_folder_source_skips_rejected_and_is_seeded(tmp_path):
+    folder = tmp_path / "masks" / "carpet_demo" / "stain"
+    good = [_mask(box=(4 + i, 12 + i, 5, 15)) for i in range(3)]
+    for i, m in enumerate(good):
+        save_png(folder / f"{i:03d}.png", m.astype(np.uint8) * 255)
+    save_png(folder / "900.png", _mask().astype(np.uint8))  # empty: rejected
+    save_png(folder / "901.png", _mask(box=(0, 32, 0, 5)).astype(np.uint8) * 255)  # border
+    cfg = MasksSection(source="folder", folder=tmp_path / "masks", **RULES)
+    src = M.mask_source(cfg, tmp_path / "unused.parquet", "carpet_demo", "stain")
+    assert isinstance(src, M.FolderMaskSource) and src.folder == folder
+    out = src.masks(5, 32)
+    assert src.rejected == {"empty": 1, "area": 0, "border": 1}
+    keys = [m.tobytes() for m in out]
+    assert set(keys) == {m.tobytes() for m in good}
+    assert keys[3:] == keys[:2]  # cycles through the accepted masks
+    again = M.mask_source(cfg, tmp_path / "unused.parquet", "carpet_demo", "stain").masks(5, 32)
+    assert [m.tobytes() for m in again] == keys
+    with pytest.raises(FileNotFoundError, match="masks.folder"):
+        M.FolderMaskSource(tmp_path / "nope", cfg, 0, "c", "t")

@@ -1,0 +1,170 @@
+"""MAGIC sampler: stock-CFG equivalence, GPP on the conditional branch, MGNI, paste-back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_factory.config import FactoryConfig
+from anomaly_factory.generators.magic import sampler as S
+from anomaly_factory.generators.magic.gpp import anomaly_token_positions
+from anomaly_factory.generators.magic.models import build_tiny_pipeline
+
+RES = 32
+PROMPT = "a photo of sks defect"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    cfg = FactoryConfig()
+    model = cfg.model.model_copy(update={"resolution": RES})
+    torch.manual_seed(0)
+    p = build_tiny_pipeline(model, cfg.finetune, cfg.generate.scheduler)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(2)]
+    masks = [np.zeros((RES, RES), bool) for _ in range(2)]
+    masks[0][8:20, 10:22] = True
+    masks[1][2:9, 3:30] = True
+    return images, masks, [11, 22]
+
+
+def test_reduces_to_stock_cfg(pipe, inputs):
+    """w_m == w_d and sigma == 0: the stock diffusers inpaint pipeline, to 1e-5."""
+    images, masks, seeds = inputs
+    opts = S.SamplerOptions(steps=4, w_m=5.0, w_d=5.0, sigma=0.0)
+    ours = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, opts)
+    ref = pipe(
+        prompt=[PROMPT] * 2,
+        image=[Image.fromarray(i) for i in images],
+        mask_image=[Image.fromarray(m.astype(np.uint8) * 255) for m in masks],
+        height=RES,
+        width=RES,
+        strength=1.0,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=S.cpu_generators(seeds),
+        output_type="np",
+    ).images
+    assert ours.shape == ref.shape == (2, RES, RES, 3)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_sag_uses_cosine_schedule_and_changes_output(pipe, inputs, monkeypatch):
+    images, masks, seeds = inputs
+    seen = []
+    real = S.spatially_adaptive_guidance
+
+    def spy(eps_u, eps_c, mask, w_in, w_d):
+        seen.append((w_in, w_d))
+        return real(eps_u, eps_c, mask, w_in, w_d)
+
+    monkeypatch.setattr(S, "spatially_adaptive_guidance", spy)
+    sag = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, S.SamplerOptions(steps=5, w_m=2.0))
+    assert [w for w, _ in seen] == S.sag_schedule(2.0, 7.5, 5).tolist()
+    assert all(w_d == 7.5 for _, w_d in seen)
+    cfg = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, S.SamplerOptions(steps=5, w_m=7.5))
+    assert np.abs(sag - cfg).max() > 1e-4
+
+
+def test_gpp_perturbs_conditional_branch_once_per_image(pipe, inputs):
+    images, masks, seeds = inputs
+    calls: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        calls.append(kwargs["encoder_hidden_states"].clone())
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    positions = anomaly_token_positions(pipe.tokenizer, PROMPT, "sks")
+    try:
+        S.magic_inpaint(
+            pipe, images, masks, seeds, PROMPT, S.SamplerOptions(steps=3, sigma=1.0), positions
+        )
+    finally:
+        handle.remove()
+    cond_clean, uncond_clean = pipe.encode_prompt(PROMPT, "cpu", 2, True, "")
+    assert len(calls) == 3
+    for emb in calls:
+        uncond, cond = emb.chunk(2)
+        assert torch.equal(uncond, uncond_clean)  # unconditional branch untouched
+        assert torch.equal(cond - cond_clean, calls[0].chunk(2)[1] - cond_clean)  # same draw
+    delta = calls[0].chunk(2)[1] - cond_clean
+    assert torch.all(delta[:, ~positions] == 0)  # only the anomaly token (paper's target)
+    assert torch.all(delta[:, positions].abs().sum(-1) > 0)
+    assert not torch.allclose(delta[0], delta[1])  # one draw per image
+    # the draw of an image depends on its seed only
+    alone = S.perturb_conditional(cond_clean[:1], 1.0, positions, seeds[1:])
+    torch.testing.assert_close(alone[0] - cond_clean[0], delta[1])
+
+
+def test_image_depends_on_its_seed_not_the_batch(pipe, inputs):
+    images, masks, seeds = inputs
+    opts = S.SamplerOptions(steps=3, sigma=1.0, mgni=True)
+    both = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, opts)
+    second = S.magic_inpaint(pipe, images[1:], masks[1:], seeds[1:], PROMPT, opts)
+    diff = np.abs(both[1] - second[0]).max()
+    print(f"batch-of-2 vs batch-of-1 max abs diff: {diff:.2e}")
+    assert diff <= 1e-4
+    again = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, opts)
+    assert np.array_equal(both, again)
+
+
+def test_mgni_is_per_position_ddim_eta(pipe):
+    """MGNI step == the DDIM update with eta(x) = eta_in on the mask, eta_out elsewhere."""
+    sched = pipe.scheduler
+    sched.set_timesteps(10)
+    t = sched.timesteps[3]
+    g = torch.Generator().manual_seed(0)
+    latents, eps = torch.randn(2, 1, 4, 8, 8, generator=g)
+    mask = (torch.rand(1, 1, 8, 8, generator=g) > 0.5).float()
+    opts = S.SamplerOptions(mgni=True, eta_inside=1.0, eta_outside=0.2)
+    out = S._ddim_step(sched, eps, t, latents, mask, opts, S.cpu_generators([5]))
+
+    z = torch.randn(eps.shape, generator=torch.Generator().manual_seed(5))
+    prev_t = t - sched.config.num_train_timesteps // sched.num_inference_steps
+    a_t = sched.alphas_cumprod[t]
+    a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    eta = mask * 1.0 + (1 - mask) * 0.2
+    std = eta * var.sqrt()
+    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps + std * z
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    plain = S._ddim_step(sched, eps, t, latents, mask, S.SamplerOptions(), None)
+    zero = S._ddim_step(
+        sched, eps, t, latents, mask, S.SamplerOptions(mgni=True, eta_inside=0.0), [g]
+    )
+    assert torch.equal(plain, zero)  # eta 0 everywhere is plain DDIM
+    assert torch.allclose(out * (1 - mask), expected * (1 - mask))
+
+
+def test_feather_alpha_and_paste_back():
+    mask = np.zeros((16, 16), bool)
+    mask[6:10, 6:10] = True
+    alpha = S.feather_alpha(mask, 3)
+    assert np.all(alpha[mask] == 1)
+    assert alpha[8, 10] == pytest.approx(0.75) and alpha[8, 12] == pytest.approx(0.25)
+    assert np.all(alpha[:, 14:] == 0) and np.all(alpha[:2] == 0)
+    assert np.array_equal(S.feather_alpha(mask, 0), mask.astype(np.float32))
+    gen = np.random.default_rng(0).random((1, 16, 16, 3))
+    normal = np.random.default_rng(1).random((1, 16, 16, 3))
+    out = S.paste_back(gen, normal, [mask], 3)
+    assert np.array_equal(out[0][mask], gen[0][mask])
+    assert np.array_equal(out[0][alpha == 0], normal[0][alpha == 0])
+
+
+def test_paste_back_keeps_normal_region_exact(pipe, inputs):
+    images, masks, seeds = inputs
+    opts = S.SamplerOptions(steps=2, paste_back=True, feather_px=2)
+    out = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, opts)
+    for b in range(2):
+        far = S.feather_alpha(masks[b], 2) == 0
+        np.testing.assert_allclose(out[b][far], images[b][far] / 255.0, atol=1e-6)
