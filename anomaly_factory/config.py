@@ -183,6 +183,11 @@ class MasksSection(Section):
     max_area: Fraction = 0.35
     max_border_fraction: Fraction = Field(default=1 / 3, description="Reject masks covering more")
     max_tries_per_mask: PositiveInt = 50
+    fallback_to_fewshot: bool = Field(
+        default=True,
+        description="After max_tries_per_mask rejections, use an augmented few-shot mask "
+        "(recorded as mask_source 'generator+fewshot_fallback') instead of failing",
+    )
     seed: int = 0
     generator: MaskGeneratorSection = Field(default_factory=MaskGeneratorSection)
 
@@ -394,7 +399,8 @@ class LPIPSSection(Section):
     net: Literal["vgg", "alex", "squeeze"] = "alex"
     pretrained: bool = Field(default=False, description="ImageNet trunk weights (never downloaded)")
     weights: Path | None = Field(
-        default=None, description="torchvision trunk weights file; None looks in the torch hub cache"
+        default=None,
+        description="torchvision trunk weights file; None looks in the torch hub cache",
     )
     resolution: PositiveInt = 64
     max_per_cluster: PositiveInt = 50
@@ -470,7 +476,8 @@ class DetectorSection(Section):
     seed: int = 0
     selection: Literal["fixed_schedule", "validation"] = "fixed_schedule"
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
-        default=0.2, description="Share of train normals and pairs held out when selection=validation"
+        default=0.2,
+        description="Share of train normals and pairs held out when selection=validation",
     )
     score_pool: PositiveInt = Field(
         default=21, description="Image score = max of the map after this k x k average pooling"

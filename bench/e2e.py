@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contextlib
+
 from _table import report  # noqa: E402
 
 TARGET_S, TARGET_GB = 600, 4.0
@@ -27,10 +29,8 @@ TARGET_S, TARGET_GB = 600, 4.0
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 

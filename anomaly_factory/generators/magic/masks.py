@@ -239,9 +239,18 @@ class GeneratorMaskSource:
 
     name = "generator"
 
-    def __init__(self, generator: MaskGenerator, cfg: MasksSection, seed: int):
+    def __init__(
+        self,
+        generator: MaskGenerator,
+        cfg: MasksSection,
+        seed: int,
+        fallback: np.ndarray | None = None,
+    ):
         self.generator, self.cfg, self.seed = generator, cfg, seed
         self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0}
+        # few-shot masks (N, H, W) to augment when the generator keeps failing
+        self.fallback = fallback
+        self.fallback_used: set[int] = set()
 
     def masks(self, n: int, size: int) -> list[np.ndarray]:
         found = self.masks_for(range(n), n, size)
@@ -266,13 +275,18 @@ class GeneratorMaskSource:
             soft = self.generator.sample_soft([derive_seed(self.seed, i, j) for i in pending])
             soft = F.interpolate(soft, size=(size, size), mode="bilinear", align_corners=False)
             for i, s in zip(pending, soft, strict=True):
-                m = s[0].numpy() > threshold
+                m = _binarize(s[0].numpy(), threshold)
                 reason = _accept(m, self.cfg)
                 if reason is None:
                     found[i] = m
                 else:
                     self.rejected[reason] += 1
         missing = [i for i in indices if i not in found]
+        if missing and self.fallback is not None and len(self.fallback):
+            for i in missing:
+                found[i] = self._fallback_mask(i, size)
+                self.fallback_used.add(i)
+            missing = []
         if missing:
             raise RuntimeError(
                 f"mask generator: masks {missing} rejected {self.cfg.max_tries_per_mask} times "
@@ -280,6 +294,35 @@ class GeneratorMaskSource:
                 f"or relax masks.min_area/max_area/max_border_fraction"
             )
         return [found[i] for i in indices]
+
+    def _fallback_mask(self, i: int, size: int) -> np.ndarray:
+        """An augmented few-shot mask, deterministic in ``i`` (first one the rules accept)."""
+        assert self.fallback is not None
+        base = torch.from_numpy(self.fallback.astype(np.float32) * 2 - 1)[:, None]
+        base = F.interpolate(base, size=(size, size), mode="nearest")
+        candidate = base[0, 0].numpy() > 0
+        for j in range(self.cfg.max_tries_per_mask):
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, i, j, "fallback"))
+            k = int(torch.randint(0, len(base), (1,), generator=gen))
+            candidate = _augment(base[k : k + 1], self.generator.section, gen)[0, 0].numpy() > 0
+            if _accept(candidate, self.cfg) is None:
+                return candidate
+        return candidate
+
+
+# A soft sample whose peak stays under this is noise, not a faint mask.
+MIN_PEAK = 0.1
+
+
+def _binarize(soft: np.ndarray, threshold: float) -> np.ndarray:
+    """Threshold a soft mask; thin shapes (cracks) a small DDPM draws faintly are kept
+    by thresholding relative to the sample's peak when the absolute threshold
+    leaves nothing."""
+    mask = soft > threshold
+    peak = float(soft.max())
+    if not mask.any() and peak > MIN_PEAK:
+        mask = soft > threshold * peak
+    return mask
 
 
 class FolderMaskSource:
@@ -370,7 +413,10 @@ def mask_source(
     if folder is not None:
         return FolderMaskSource(folder, cfg, seed, category, anomaly_type)
     gen = load_or_train_generator(cfg, manifest_path, category, anomaly_type, generator_dir)
-    return GeneratorMaskSource(gen, cfg, seed)
+    fallback = None
+    if cfg.fallback_to_fewshot:
+        fallback, _ = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
+    return GeneratorMaskSource(gen, cfg, seed, fallback)
 
 
 def nearest_iou(masks: list[np.ndarray], train: np.ndarray) -> np.ndarray:

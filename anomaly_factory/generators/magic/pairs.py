@@ -232,7 +232,11 @@ def generate_pairs(
                     "w_d": options.w_d,
                     "steps": options.steps,
                     "checkpoint_hash": ckpt_hash,
-                    "mask_source": masks.name,
+                    "mask_source": (
+                        f"{masks.name}+fewshot_fallback"
+                        if i in getattr(masks, "fallback_used", ())
+                        else masks.name
+                    ),
                     "mask_index": i,
                     "normal_source": str(normal_row["image_path"]),
                     "reference_source": str(ref_row["image_path"]),
