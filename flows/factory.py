@@ -101,7 +101,7 @@ def factory(
         "passed": gates["passed"],
         "types": gates["types"],
         "report": report,
-        "shards": str(Path(index).parent.parent) if index else None,
+        "shards": str(layout.shards / version),
         "shard_index": index,
         "pairs": pairs,
         "published": published,
