@@ -24,6 +24,7 @@ from tasks.common import CACHE, config_from, retry_transient
 
 GPU_CONCURRENCY = "gpu"  # global concurrency limit bounding GPU stages in flight
 POLL_S = 2.0
+LEASE_S = 60.0  # seconds a GPU slot stays held without renewal
 
 
 def heartbeat_name(flow_run_id: Any) -> str:
@@ -102,7 +103,9 @@ def dispatch_gpu_stage(
     if cfg.orchestration.dispatch == "local":
         return gpu_stage(**params)
     orch = cfg.orchestration
-    with concurrency(GPU_CONCURRENCY, occupy=1):
+    # A short lease (renewed while held) frees the slot quickly if a failed dispatch
+    # leaves it behind, as was seen when a killed worker's run was marked crashed.
+    with concurrency(GPU_CONCURRENCY, occupy=1, lease_duration=LEASE_S):
         run = run_deployment(
             orch.gpu_deployment,
             parameters=params,
