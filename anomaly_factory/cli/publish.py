@@ -272,15 +272,21 @@ def category_generate(
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
-    """`generate` pairs for every anomaly type of a category into one pairs folder."""
+    """`generate` pairs for every anomaly type of a category (``out/<type>``), then merge
+    them into ``out/pairs.parquet``."""
+    from anomaly_factory.generators.output import PAIRS_FILE, merge_pairs
+
     n = n_pairs or get_config(config, profile).generate.n_pairs
+    parts = []
     for anomaly_type in _types(manifest, category):
         _run_command(
             ["generate", "--manifest", str(manifest), "--category", category]
             + ["--anomaly-type", anomaly_type, "--checkpoint", str(checkpoints / anomaly_type)]
-            + ["--n-pairs", str(n), "--out", str(out)]
+            + ["--n-pairs", str(n), "--out", str(out / anomaly_type)]
             + _common_args(config, profile)
         )
+        parts.append(out / anomaly_type / PAIRS_FILE)
+    merge_pairs(parts, out / PAIRS_FILE)
 
 
 def register(app: typer.Typer) -> None:
