@@ -18,6 +18,7 @@ from prefect.variables import Variable
 
 from anomaly_factory.layout import RunLayout
 from tasks.common import config_from
+from tasks.dispatch import heartbeat_name
 from tasks.stages import finetune_type, generate_type, run_detectors
 
 HEARTBEAT_S = 3.0
@@ -39,7 +40,7 @@ class _Heartbeat:
     def __init__(self) -> None:
         self._stop = threading.Event()
         ctx = get_run_context()
-        self.name = f"heartbeat-{ctx.flow_run.id}"
+        self.name = heartbeat_name(ctx.flow_run.id)
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
