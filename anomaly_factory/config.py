@@ -525,9 +525,15 @@ class PublishSection(Section):
     retry_backoff_s: NonNegative = Field(
         default=1.0, description="First wait between object attempts; doubles each time"
     )
-    dvc: bool = Field(default=False, description="publish also runs dvc add/commit + dvc push")
+    dvc: bool | Literal["auto"] = Field(
+        default="auto",
+        description="publish also runs dvc add/commit + dvc push; auto = when in a DVC repo",
+    )
     dvc_remote: str | None = Field(default=None, description="DVC remote name; None = default")
-    git_tag: bool = Field(default=False, description="publish also commits the .dvc file + tags")
+    git_tag: bool | Literal["auto"] = Field(
+        default="auto",
+        description="publish also commits the DVC metadata and tags git; auto = in a repo",
+    )
 
 
 class OrchestrationSection(Section):

@@ -198,8 +198,6 @@ def write_shards(
 
 @task(name="publish", retries=3, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def publish_version(cfg_json: dict[str, Any], version: str, root: str) -> str:
-    from anomaly_factory.cli.publish import publish_version as publish
+    from anomaly_factory.storage.publish import publish_version as publish
 
-    layout = _layout(cfg_json, version, root)
-    cfg = layout.cfg
-    return str(publish(cfg, version, cfg.publish.bucket, cfg.publish.prefix, False))
+    return publish(config_from(cfg_json), version, workspace=Path(root)).uri

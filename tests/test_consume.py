@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from anomaly_factory.cli.publish import publish_version
 from anomaly_factory.storage.consume import load_dataset, register_s3_handler
+from anomaly_factory.storage.publish import publish_version
 from anomaly_factory.storage.s3 import VersionNotFound, make_client
 from tests import test_s3_publish as s3t
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -36,9 +37,15 @@ def detected(tmp_path_factory, tiny_config, demo_manifest_path, quick_config):
         get_generator("cutpaste")(
             tiny_config, demo_manifest_path, CATEGORY, anomaly_type, 2, root / "pairs"
         )
-    args = ["detect", "--pairs", str(root / "pairs" / "pairs.parquet")]
-    args += ["--manifest", str(demo_manifest_path), "--out", str(root / "out")]
-    result = CliRunner().invoke(app, [*args, "--config", str(quick_config)])
+    # relative paths, as `dvc repro` passes them (anomalib reports absolute ones)
+    args = ["detect", "--pairs", "pairs/pairs.parquet"]
+    args += ["--manifest", str(demo_manifest_path), "--out", "out"]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(app, [*args, "--config", str(quick_config)])
+    finally:
+        os.chdir(cwd)
     assert result.exit_code == 0, result.output
     return root / "out"
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import filelock
 import pytest
 import yaml
+from typer.testing import CliRunner
 
-from anomaly_factory.cli.publish import publish_version
+from anomaly_factory.cli import app
 from anomaly_factory.storage import dvc_ops
 from anomaly_factory.storage.shards import write_shards
 from tests import test_s3_publish as s3t
@@ -42,7 +43,12 @@ def workspace(tmp_path, monkeypatch, bucket) -> Path:
     git(root, "init", "-q", "-b", "main")
     Repo.init(str(root)).close()
     dvc_ops.add_s3_remote(root, "store", f"s3://{bucket}/dvc")
-    git(root, "add", ".dvc", ".dvcignore")
+    # the project's own ignore rules: data/ is ignored except what DVC must commit
+    ignores = [".gitignore", "data/.gitignore", "data/shards/.gitignore"]
+    for name in ignores:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text((REPO / name).read_text())
+    git(root, "add", ".dvc", ".dvcignore", *ignores)
     git(root, "commit", "-q", "-m", "init")
     return root
 
@@ -50,12 +56,19 @@ def workspace(tmp_path, monkeypatch, bucket) -> Path:
 def test_push_pull_in_a_fresh_clone_and_get_by_tag(
     workspace, tmp_path, monkeypatch, tiny_config, pairs_path, demo_manifest_path, bucket
 ):
+    """``anomaly-factory publish --version v1`` in the repo that made v1: S3, dvc push, tag."""
     monkeypatch.chdir(workspace)
     cfg = tiny_config.model_copy(deep=True)
-    cfg.publish.bucket, cfg.publish.prefix, cfg.publish.max_attempts = bucket, "pub", 1
     write_reports(Path(cfg.gates.out_dir) / "v1")  # relative: data/reports/v1 in the workspace
     write_shards(cfg, pairs_path, demo_manifest_path, "v1")
-    publish_version(cfg, "v1", dvc=True, git_tag=True)
+    config = workspace / "pipelines.yaml"
+    config.write_text(yaml.safe_dump({"publish": {"prefix": "pub", "max_attempts": 1}}))
+    res = CliRunner().invoke(
+        app, ["publish", "--version", "v1", "--bucket", bucket, "--config", str(config)]
+    )
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())  # rich wraps long lines
+    assert "git tag v1" in said and f"s3://{bucket}/pub/v1" in said
     original = tree(workspace / "data/shards/v1")
     assert git(workspace, "tag", "--list").split() == ["v1"]
     assert "data/shards/v1.dvc" in git(workspace, "show", "--name-only", "v1")

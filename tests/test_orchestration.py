@@ -5,7 +5,7 @@ One server and one worker per module; every process is torn down by PID.
 
 from __future__ import annotations
 
-import threading
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import yaml
 from anomaly_factory.config import deep_merge, read_config_file
 from anomaly_factory.io import sha256_file
 from tests.conftest import REPO
-from tests.prefect_services import PrefectServer, kill_tree
+from tests.prefect_services import BIN, PrefectServer, kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -160,51 +160,60 @@ def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir
     assert states and all(s == "Cached" for s in states), states
 
 
-@pytest.mark.skip(
-    reason="known failure (issue 9 left open): run in-process, the factory's Prefect "
-    "concurrency-lease thread talks to a different API than the test's server, so after "
-    "the killed run is marked crashed the GPU slot stays held until its lease expires and "
-    "the retry outlives the test's timeout; run the factory as a subprocess (CLI) instead"
-)
 def test_worker_killed_mid_run_is_retried_with_same_outputs(api, deployed, server, workdir):
-    """v2 is v1's config again; its GPU stage is killed with its worker mid-run."""
+    """v2 is v1's config again; its GPU stage is killed with its worker mid-run.
+
+    The factory runs as the CLI in its own process, as a CI job would, so every
+    Prefect client in it (the GPU slot's lease renewal included) talks to the
+    test's server.
+    """
     config = workdir / "pipelines.yaml"
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = _run_factory(workdir, "v2", config)
-        except BaseException as exc:  # surfaced below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        running = [
-            r
-            for r in _flow_runs("gpu-stage")
-            if r.parameters.get("version") == "v2" and r.state.is_running()
-        ]
-        if running:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("no GPU stage of v2 started")
-    time.sleep(2)
-    kill_tree(deployed.pid)  # the worker and the flow run it spawned
-    replacement = server.start_worker("cuda", "gpu0-restarted", workdir)
+    log_path = server.home / "factory-v2.log"
+    with open(log_path, "wb") as log:
+        factory = subprocess.Popen(
+            [str(BIN / "anomaly-factory"), "run", "--config", str(config)]
+            + ["--version", "v2", "--no-progress"],
+            env=server.env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    replacement = None
     try:
-        thread.join(timeout=900)
-        assert "error" not in box, box.get("error")
-        crashed = [
-            r
-            for r in _flow_runs("gpu-stage")
-            if r.parameters.get("version") == "v2" and r.state.is_crashed()
-        ]
-        assert crashed, "the killed run was detected and marked crashed"
+        deadline = time.time() + 600
+        while time.time() < deadline and factory.poll() is None:
+            running = [
+                r
+                for r in _flow_runs("gpu-stage")
+                if r.parameters.get("version") == "v2" and r.state.is_running()
+            ]
+            if running:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no GPU stage of v2 started:\n{log_path.read_text()[-3000:]}")
+        # killed once it has written at least one pair, so the retry has work to resume
+        pairs_v2 = workdir / "data" / "pairs" / "v2"
+        while time.time() < deadline and not any(pairs_v2.glob("*/*/records/*.json")):
+            time.sleep(0.2)
+        kill_tree(deployed.pid)  # the worker and the flow run it spawned
+        killed = running[0]
+        replacement = server.start_worker("cuda", "gpu0-restarted", workdir)
+        rc = factory.wait(timeout=900)
+        assert rc == 0, log_path.read_text()[-3000:]
     finally:
-        kill_tree(replacement.pid)
+        kill_tree(factory.pid)
+        if replacement is not None:
+            kill_tree(replacement.pid)
+    runs = {r.id: r for r in _flow_runs("gpu-stage")}
+    assert runs[killed.id].state.is_crashed(), "the killed run was detected and marked crashed"
+    retried = [
+        r
+        for r in runs.values()
+        if r.parameters.get("version") == "v2" and r.name == killed.name and r.state.is_completed()
+    ]
+    assert retried, "a new run of the killed stage completed"
     a = _tree_hashes(workdir / "data" / "pairs" / "v1")
     b = _tree_hashes(workdir / "data" / "pairs" / "v2")
     assert len(a) >= 2 * 2 * 3 * 3 and a == b  # 2 categories x 2 types x 3 pairs x 3 PNGs

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from anomaly_factory.cli import app
-from anomaly_factory.cli.publish import publish_version
 from anomaly_factory.io import sha256_file
+from anomaly_factory.storage.publish import publish_version
 from anomaly_factory.storage.s3 import (
     BucketNotFound,
     CredentialsError,
@@ -99,7 +99,7 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def test_publish_then_pull_is_byte_exact(cfg, version, tmp_path):
-    uri = publish_version(cfg, version)
+    uri = publish_version(cfg, version).uri
     assert uri == f"s3://{cfg.publish.bucket}/datasets/af/v1/"
     client = make_client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=cfg.publish.bucket)["Contents"]]
@@ -262,6 +262,12 @@ def test_cli_publish_then_pull(cfg, version, tmp_path, monkeypatch):
     runner = CliRunner()
     first = runner.invoke(app, ["publish", "--version", version, "-c", str(config)])
     assert first.exit_code == 0, first.output
+    said = " ".join(first.output.split())  # rich wraps long paths
+    assert "skipped" in said and "not in a DVC repository" in said
+    forced = ["publish", "--version", version, "--dvc", "-c", str(config)]
+    explicit = runner.invoke(app, forced)  # asked for DVC where there is none
+    assert explicit.exit_code == 1
+    assert "not inside a DVC repository" in " ".join(explicit.output.split())
     again = runner.invoke(app, ["publish", "--version", version, "-c", str(config)])
     assert again.exit_code == 1 and "--force" in again.output
     pulled = runner.invoke(

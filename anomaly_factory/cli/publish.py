@@ -1,22 +1,18 @@
 """``anomaly-factory shards | publish | pull`` (+ the per-category commands dvc.yaml runs).
 
-The plain functions ``write_shards`` and ``publish_version`` are what the flows call;
-the commands are thin wrappers around them.
+Thin wrappers: ``storage.shards.write_shards`` and ``storage.publish.publish_version``
+do the work, and the flows call them too.
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
-
-if TYPE_CHECKING:
-    from anomaly_factory.config import FactoryConfig
 
 PULL_HELP = """Download a published version byte-exact (every file checked against its card).
 
@@ -27,103 +23,6 @@ Through DVC instead (the version's git tag pins the data):
 
     dvc get <repo-url> data/shards/<version> --rev <version>
 """
-
-
-def write_shards(
-    cfg: FactoryConfig,
-    pairs_path: Path | list[Path],
-    manifest_path: Path | list[Path],
-    version: str,
-    reports_dir: Path | None = None,
-    out_dir: Path | None = None,
-) -> Path:
-    """Shards + index + card of ``version`` under ``out_dir`` (default ``shards.out_dir``)."""
-    from anomaly_factory.storage.shards import write_shards as _write
-
-    return _write(cfg, pairs_path, manifest_path, version, reports_dir, out_dir)
-
-
-def _dvc_root(start: Path) -> Path:
-    from anomaly_factory.storage.dvc_ops import DVCError
-
-    for folder in (start.resolve(), *start.resolve().parents):
-        if (folder / ".dvc").is_dir():
-            return folder
-    raise DVCError(f"{start}: not inside a DVC repository (run `dvc init`)")
-
-
-def check_publishable(cfg: FactoryConfig, version: str) -> dict[str, Any]:
-    """The version's card, if it and the gate reports say it may be published."""
-    from anomaly_factory.storage.card import is_publishable, read_reports
-    from anomaly_factory.storage.s3 import PublishError, verify_local
-
-    version_dir = Path(cfg.shards.out_dir) / version
-    card = verify_local(version_dir)
-    if not is_publishable(card):
-        raise PublishError(
-            f"{version_dir / 'card.json'}: gates say the version is not publishable "
-            f"(gates: {card.get('gates')})"
-        )
-    reports = read_reports(Path(cfg.gates.out_dir) / version)
-    if reports["gates"] is not None and not is_publishable(reports):
-        raise PublishError(f"{Path(cfg.gates.out_dir) / version}: gates.json says not publishable")
-    return card
-
-
-def publish_version(
-    cfg: FactoryConfig,
-    version: str,
-    bucket: str | None = None,
-    prefix: str | None = None,
-    force: bool = False,
-    dvc: bool | None = None,
-    git_tag: bool | None = None,
-    on_uploaded: Callable[[str], None] | None = None,
-) -> str:
-    """Publish a local version: ``dvc push`` (optional), S3 upload, git tag (optional).
-
-    The git tag comes last, so a tag always names a version that is on S3 and (with DVC)
-    in the DVC remote. Returns the version's S3 URI.
-    """
-    from anomaly_factory.storage import dvc_ops
-    from anomaly_factory.storage.s3 import (
-        PublishError,
-        S3Location,
-        Uploader,
-        make_client,
-        publish_dir,
-    )
-
-    pub = cfg.publish
-    bucket = bucket or pub.bucket
-    if not bucket:
-        raise PublishError("no bucket: pass --bucket or set publish.bucket in pipelines.yaml")
-    prefix = pub.prefix if prefix is None else prefix
-    dvc = pub.dvc if dvc is None else dvc
-    git_tag = pub.git_tag if git_tag is None else git_tag
-    check_publishable(cfg, version)
-    version_dir = Path(cfg.shards.out_dir) / version
-    tracked: list[Path] = []
-    if dvc or git_tag:
-        root = _dvc_root(Path.cwd())
-        tracked = dvc_ops.track(root, [version_dir])
-        if dvc:
-            dvc_ops.push(root, [version_dir], remote=pub.dvc_remote)
-    client = make_client(pub.max_attempts)
-    uploader = Uploader(
-        client,
-        bucket,
-        pub.multipart_threshold,
-        pub.multipart_chunksize,
-        pub.max_attempts,
-        pub.retry_backoff_s,
-    )
-    uri = publish_dir(
-        uploader, version_dir, S3Location(bucket, prefix, version), force, on_uploaded
-    )
-    if git_tag:
-        dvc_ops.tag_version(root, version, tracked, force=force)
-    return uri
 
 
 PairsOpt = Annotated[
@@ -152,7 +51,7 @@ def shards(
 ) -> None:
     """Write webdataset shards, a wids index and the dataset card of one version."""
     from anomaly_factory.manifest import ManifestError
-    from anomaly_factory.storage.shards import ShardError
+    from anomaly_factory.storage.shards import ShardError, write_shards
 
     cfg = get_config(config, profile)
     try:
@@ -168,29 +67,45 @@ def publish(
     prefix: PrefixOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an already published version")] = False,
     dvc: Annotated[
-        bool | None, typer.Option("--dvc/--no-dvc", help="dvc add/commit + push (publish.dvc)")
+        bool | None,
+        typer.Option(
+            "--dvc/--no-dvc",
+            help="dvc add/commit + dvc push (default publish.dvc: auto = in a DVC repo)",
+        ),
     ] = None,
     tag: Annotated[
-        bool | None, typer.Option("--tag/--no-tag", help="git commit + tag (publish.git_tag)")
+        bool | None,
+        typer.Option(
+            "--tag/--no-tag", help="git commit + tag (default publish.git_tag: auto = in a repo)"
+        ),
     ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
-    """Publish a finished, publishable version to S3 (endpoint: AWS_ENDPOINT_URL).
+    """Publish a finished, publishable version: S3 (endpoint: AWS_ENDPOINT_URL), dvc push, git tag.
 
     The version becomes visible (its card.json appears) only after every shard and index
-    has been uploaded and checked; re-run after an interruption to finish it.
+    has been uploaded and checked; re-run after an interruption to finish it. In a DVC
+    repository the shards are also committed to DVC, pushed to its remote and tagged
+    ``<version>`` in git, so ``dvc get <repo> data/shards/<version> --rev <version>`` works.
     """
     from anomaly_factory.storage.dvc_ops import DVCError
+    from anomaly_factory.storage.publish import publish_version
     from anomaly_factory.storage.s3 import PublishError
     from anomaly_factory.storage.shards import ShardError
 
     cfg = get_config(config, profile)
     try:
-        uri = publish_version(cfg, version, bucket, prefix, force, dvc, tag)
+        done = publish_version(cfg, version, bucket, prefix, force, dvc, tag)
     except (PublishError, DVCError, ShardError) as exc:
         raise fail(str(exc)) from None
-    console.print(f"published {uri}")
+    console.print(f"published {done.uri}")
+    if done.dvc_pushed:
+        console.print(f"dvc push  {cfg.shards.out_dir / version}")
+    if done.tag:
+        console.print(f"git tag   {done.tag}")
+    if done.skipped:
+        console.print(f"dvc push and git tag skipped: {done.skipped}")
 
 
 def pull(

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -97,7 +98,7 @@ def run_reference(
     maps_by_source: dict[str, torch.Tensor] = {}
     for batch in batches or []:
         for path, amap in zip(batch.image_path, batch.anomaly_map, strict=True):
-            maps_by_source[sources[str(path)]] = amap.reshape(amap.shape[-2:]).float()
+            maps_by_source[sources[_key(path)]] = amap.reshape(amap.shape[-2:]).float()
     missing = [s.image_path for s in test if s.image_path not in maps_by_source]
     if missing:
         raise RuntimeError(f"reference detector: no prediction for {len(missing)} test images")
@@ -114,6 +115,14 @@ def run_reference(
     return maps, image_scores(maps, settings.score_pool), schedule
 
 
+def _key(path: str | Path) -> str:
+    """anomalib reports absolute paths; the export may hold relative ones (``dvc repro``)."""
+    return str(Path(path).resolve())
+
+
 def _export_sources(export: Export) -> dict[str, str]:
     table = pd.read_parquet(export.root / f"export-{export.category}.parquet")
-    return dict(zip(table["path"].astype(str), table["source_path"].astype(str), strict=True))
+    return {
+        _key(path): str(source)
+        for path, source in zip(table["path"], table["source_path"], strict=True)
+    }
