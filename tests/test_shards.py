@@ -205,3 +205,18 @@ def test_shards_cli_accepts_folders(tmp_path, pairs_path, demo_manifest_path):
     assert read_card(tmp_path / "v1")["publishable"] is True
     bad = CliRunner().invoke(app, [*args[:-4], "--version", "a/b", "--out", str(tmp_path)])
     assert bad.exit_code == 1 and "version" in bad.output
+
+
+def test_a_folder_stands_for_its_outermost_pairs_manifests(tmp_path):
+    """dvc.yaml's layout: a category's merged pairs.parquet above its types' ones."""
+    from anomaly_factory.storage.shards import find_manifests
+
+    files = ["a/pairs.parquet", "a/t1/pairs.parquet", "a/t2/pairs.parquet", "b/t3/pairs.parquet"]
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = find_manifests(tmp_path, "pairs.parquet")
+    assert found == [tmp_path / "a/pairs.parquet", tmp_path / "b/t3/pairs.parquet"]
+    assert find_manifests(tmp_path / "a" / "t1", "pairs.parquet") == [
+        tmp_path / "a/t1/pairs.parquet"
+    ]

@@ -39,11 +39,16 @@ def find_root(start: Path, marker: str) -> Path | None:
 
 
 def check_publishable(version_dir: Path, reports_dir: Path) -> dict[str, Any]:
-    """The version's card, if it and the gate reports say it may be published."""
-    from anomaly_factory.storage.card import is_publishable, read_reports
-    from anomaly_factory.storage.s3 import PublishError, verify_local
+    """The version's card, if it and the gate reports say it may be published.
 
-    card = verify_local(version_dir)
+    The files themselves are checked against the card by ``s3.checked_files``.
+    """
+    from anomaly_factory.storage.card import is_publishable, read_card, read_reports
+    from anomaly_factory.storage.s3 import PublishError
+
+    card = read_card(version_dir)
+    if card is None:
+        raise PublishError(f"{version_dir}: no card.json: the version is incomplete")
     if not is_publishable(card):
         raise PublishError(
             f"{version_dir / 'card.json'}: gates say the version is not publishable "
@@ -101,6 +106,7 @@ def publish_version(
         PublishError,
         S3Location,
         Uploader,
+        checked_files,
         make_client,
         publish_dir,
     )
@@ -113,6 +119,7 @@ def publish_version(
     layout = RunLayout(cfg, version, workspace or Path.cwd())
     version_dir = layout.shards / version
     check_publishable(version_dir, layout.reports)
+    checked = checked_files(version_dir, pub.multipart_chunksize)  # before DVC sees them
     use_dvc, use_tag, root, skipped = _resolve(
         pub.dvc if dvc is None else dvc,
         pub.git_tag if git_tag is None else git_tag,
@@ -134,7 +141,7 @@ def publish_version(
         pub.retry_backoff_s,
     )
     uri = publish_dir(
-        uploader, version_dir, S3Location(bucket, prefix, version), force, on_uploaded
+        uploader, version_dir, S3Location(bucket, prefix, version), force, on_uploaded, checked
     )
     if root is not None and use_tag:
         dvc_ops.tag_version(root, version, tracked, force=force)

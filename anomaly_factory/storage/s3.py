@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anomaly_factory.io import HASH_CHUNK, atomic_write_bytes, sha256_bytes
+from anomaly_factory.io import atomic_write_bytes, sha256_bytes
 from anomaly_factory.storage.card import CARD_JSON, CARD_MD, read_card
 from anomaly_factory.storage.shards import INDEX_FILE, check_version
 
@@ -164,7 +164,9 @@ def file_checksums(path: Path, chunksize: int) -> tuple[str, set[str]]:
     with open(path, "rb") as f:
         while chunk := f.read(part):
             whole.update(chunk)
-            parts.append(hashlib.sha256(chunk).digest())
+            if len(chunk) < size:  # a one-part file's part digest is its whole digest
+                parts.append(hashlib.sha256(chunk).digest())
+    parts = parts or [whole.digest()]
     composite = _b64(hashlib.sha256(b"".join(parts)).digest())
     return whole.hexdigest(), {_b64(whole.digest()), composite, f"{composite}-{len(parts)}"}
 
@@ -172,14 +174,6 @@ def file_checksums(path: Path, chunksize: int) -> tuple[str, set[str]]:
 def expected_checksums(path: Path, chunksize: int) -> set[str]:
     """S3's ChecksumSHA256 values for a whole-object or multipart upload of ``path``."""
     return file_checksums(path, chunksize)[1]
-
-
-def _sha256_hex(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _intact(meta: dict[str, Any] | None, path: Path, sha_hex: str, checksums: set[str]) -> bool:
@@ -278,26 +272,8 @@ def upload_order(version_dir: Path) -> list[str]:
     return [*sorted(files, key=rank), CARD_MD, CARD_JSON]
 
 
-def verify_local(version_dir: Path) -> dict[str, Any]:
-    """Check every file the card lists against its size and sha256; return the card."""
-    card = read_card(version_dir)
-    if card is None:
-        raise PublishError(f"{version_dir}: no {CARD_JSON}: the version is incomplete")
-    for f in card["files"]:
-        path = Path(version_dir) / f["path"]
-        if (
-            not path.is_file()
-            or path.stat().st_size != f["size"]
-            or _sha256_hex(path) != f["sha256"]
-        ):
-            raise PublishError(
-                f"{path}: missing or differs from {CARD_JSON} (sha256 {f['sha256']})"
-            )
-    return card
-
-
 def checked_files(version_dir: Path, chunksize: int) -> dict[str, tuple[str, set[str]]]:
-    """``verify_local``, keeping each file's ``file_checksums`` for its upload.
+    """Check every file the card lists (size, sha256), keeping its ``file_checksums``.
 
     Publishing read every file three times (check, sha256, S3 checksums); bench/publish.py
     measured those reads at ~15% of publish time, so it now reads each file once.
@@ -323,15 +299,19 @@ def publish_dir(
     loc: S3Location,
     force: bool = False,
     on_uploaded: Callable[[str], None] | None = None,
+    checked: dict[str, tuple[str, set[str]]] | None = None,
 ) -> str:
     """Upload a complete local version so that it becomes visible only at the end.
+
+    ``checked`` is ``checked_files(version_dir, ...)`` when the caller has just run it.
 
     With ``force`` an existing version is first made invisible (its card deleted), then
     rewritten; objects of the old version that the new one lacks are deleted.
     """
     client, bucket = uploader.client, loc.bucket
     check_version(loc.version)
-    checked = checked_files(version_dir, uploader.multipart_chunksize)
+    if checked is None:
+        checked = checked_files(version_dir, uploader.multipart_chunksize)
     check_bucket(client, bucket)
     if is_visible(client, loc):
         if not force:

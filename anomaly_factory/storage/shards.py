@@ -186,14 +186,19 @@ def _as_list(paths: Path | str | Iterable[Path | str]) -> list[Path]:
 
 
 def find_manifests(paths: Path | str | Iterable[Path | str], name: str) -> list[Path]:
-    """Files as given; a folder stands for every ``name`` (a glob) below it."""
+    """Files as given; a folder stands for every ``name`` (a glob) below it.
+
+    A match in a folder above other matches is their merge (a category's pairs.parquet
+    over its types' ones), so it stands for them and they are left out.
+    """
     found: list[Path] = []
     for p in _as_list(paths):
         if p.is_dir():
             matches = sorted(p.rglob(name))
             if not matches:
                 raise ShardError(f"{p}: no {name} below this folder")
-            found.extend(matches)
+            merged = {m.parent for m in matches}
+            found.extend(m for m in matches if not any(a in merged for a in m.parent.parents))
         elif p.is_file():
             found.append(p)
         else:
