@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,11 +91,6 @@ def pair_sample(row: dict[str, Any], bases: Sequence[Path], val_fraction: float)
     return sample
 
 
-def _count_samples(tar_path: Path) -> int:
-    with tarfile.open(tar_path) as tar:
-        return len({m.name.split(".", 1)[0] for m in tar.getmembers()})
-
-
 def wids_index(name: str, entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """A ``wids`` shard index (urls relative to the index file's folder)."""
     return {
@@ -136,6 +130,7 @@ def write_category_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     splits = dict.fromkeys(SPLITS, 0)
+    per_shard: dict[str, int] = {}  # counted as written: no second pass over the tars
     try:
         with wds.ShardWriter(
             str(tmp / SHARD_PATTERN),
@@ -152,11 +147,13 @@ def write_category_shards(
                 sample = pair_sample(row, bases, val_fraction)
                 splits[json.loads(sample["json"])["split"]] += 1
                 writer.write(sample)
+                shard = Path(writer.fname).name
+                per_shard[shard] = per_shard.get(shard, 0) + 1
         entries = [
             {
                 "url": p.name,
                 "md5sum": md5_file(p),
-                "nsamples": _count_samples(p),
+                "nsamples": per_shard[p.name],
                 "filesize": p.stat().st_size,
             }
             for p in sorted(tmp.glob("shard-*.tar"))
