@@ -160,6 +160,53 @@ def measure(pipe, kind, batch, steps, res, device) -> tuple[float, float]:
     return dt, mem.mib
 
 
+def _per_call(fn, min_s: float = 1.0) -> float:
+    """Median seconds of ``fn()`` over enough calls to fill ``min_s`` (after a warm-up)."""
+    fn()
+    runs: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_s or len(runs) < 5:
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return sorted(runs)[len(runs) // 2]
+
+
+def component_costs(pipe, batch: int, res: int, steps: int) -> dict[str, float]:
+    """Seconds of what SAG and GPP add, next to one UNet call, timed op by op.
+
+    The whole-call ratio above is at the mercy of machine noise (several % here); the
+    extra work is a few element-wise ops per step and one Gaussian draw per image, so
+    timing those directly gives the overhead with far less noise.
+    """
+    from anomaly_factory.generators.magic.gpp import anomaly_token_positions
+    from anomaly_factory.generators.magic.sag import spatially_adaptive_guidance
+    from anomaly_factory.generators.magic.sampler import perturb_conditional
+
+    lat = res // pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    eps_u, eps_c = (torch.randn(batch, 4, lat, lat, generator=g) for _ in range(2))
+    mask = (torch.rand(batch, 1, lat, lat, generator=g) > 0.7).float()
+    cond, uncond = pipe.encode_prompt(PROMPT, torch.device("cpu"), batch, True, "")
+    positions = anomaly_token_positions(pipe.tokenizer, PROMPT, "sks")
+    model_input = torch.randn(2 * batch, pipe.unet.config.in_channels, lat, lat, generator=g)
+    embeds = torch.cat([uncond, cond])
+    t = pipe.scheduler.timesteps[0] if len(pipe.scheduler.timesteps) else torch.tensor(999)
+    with torch.no_grad():
+        unet = _per_call(lambda: pipe.unet(model_input, t, encoder_hidden_states=embeds), 3.0)
+        cfg = _per_call(lambda: eps_u + 7.5 * (eps_c - eps_u))
+        sag = _per_call(lambda: spatially_adaptive_guidance(eps_u, eps_c, mask, 4.0, 7.5))
+        gpp = _per_call(lambda: perturb_conditional(cond, 1.0, positions, list(range(batch))))
+    extra_per_step = sag - cfg + gpp / steps  # GPP is drawn once per call
+    return {
+        "unet_call_s": unet,
+        "cfg_combine_s": cfg,
+        "sag_combine_s": sag,
+        "gpp_per_call_s": gpp,
+        "overhead_ops_pct": 100 * extra_per_step / unet,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=["tiny", "sd2"], default="tiny")
@@ -196,16 +243,42 @@ def main() -> None:
                     "all_seconds": times[kind],
                 }
             )
+        if device == "cpu":
+            rows.append(
+                {
+                    "kind": "components",
+                    "batch": batch,
+                    **component_costs(pipe, batch, args.res, args.steps),
+                }
+            )
         cfg_t, sag_t = min(times["magic_cfg"]), min(times["magic_sag"])
+        # each repeat runs CFG and SAG back to back: the median of their ratios is the
+        # estimate least moved by load that drifts over the run
+        paired = sorted(s / c for s, c in zip(times["magic_sag"], times["magic_cfg"], strict=True))
         rows.append(
-            {"kind": "overhead_sag_gpp_pct", "batch": batch, "value": 100 * (sag_t / cfg_t - 1)}
+            {
+                "kind": "overhead_sag_gpp_pct",
+                "batch": batch,
+                "value": 100 * (sag_t / cfg_t - 1),
+                "median_paired": 100 * (paired[len(paired) // 2] - 1),
+            }
         )
 
     print(f"device={device} preset={args.preset} res={args.res} steps={args.steps}")
     print(f"{'kind':<12} {'batch':>5} {'pairs/s':>9} {'s/call':>8} {'peak MiB':>9}")
     for r in rows:
-        if "value" in r:
-            print(f"{'SAG+GPP overhead vs plain CFG':<32} batch {r['batch']}: {r['value']:+.2f} %")
+        if r["kind"] == "components":
+            print(
+                f"{'  ops: UNet call':<32} batch {r['batch']}: {1e3 * r['unet_call_s']:.2f} ms; "
+                f"SAG combine {1e6 * r['sag_combine_s']:.1f} us vs CFG "
+                f"{1e6 * r['cfg_combine_s']:.1f} us; GPP {1e6 * r['gpp_per_call_s']:.1f} us/call"
+                f" -> {r['overhead_ops_pct']:+.3f} % of a UNet call per step"
+            )
+        elif "value" in r:
+            print(
+                f"{'SAG+GPP overhead vs plain CFG':<32} batch {r['batch']}: "
+                f"{r['value']:+.2f} % (min/min), {r['median_paired']:+.2f} % (median of pairs)"
+            )
         else:
             print(
                 f"{r['kind']:<12} {r['batch']:>5} {r['pairs_per_s']:>9.3f} "
