@@ -30,7 +30,7 @@ def git(root: Path, *args: str) -> str:
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, bucket) -> Path:
-    """A git + DVC repo whose default remote is the moto bucket."""
+    """A git + DVC repo with the project's ignore rules and no DVC remote yet."""
     from dvc.repo import Repo
 
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
@@ -42,7 +42,6 @@ def workspace(tmp_path, monkeypatch, bucket) -> Path:
     root.mkdir()
     git(root, "init", "-q", "-b", "main")
     Repo.init(str(root)).close()
-    dvc_ops.add_s3_remote(root, "store", f"s3://{bucket}/dvc")
     # the project's own ignore rules: data/ is ignored except what DVC must commit
     ignores = [".gitignore", "data/.gitignore", "data/shards/.gitignore"]
     for name in ignores:
@@ -72,6 +71,8 @@ def test_push_pull_in_a_fresh_clone_and_get_by_tag(
     original = tree(workspace / "data/shards/v1")
     assert git(workspace, "tag", "--list").split() == ["v1"]
     assert "data/shards/v1.dvc" in git(workspace, "show", "--name-only", "v1")
+    # no remote was configured: publish set the bucket's and committed it with the tag
+    assert f"url = s3://{bucket}/pub/dvc" in git(workspace, "show", "v1:.dvc/config")
 
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(workspace), str(clone))

@@ -60,6 +60,12 @@ def add_s3_remote(root: Path | str, name: str, url: str, default: bool = True) -
             conf["core"]["remote"] = name
 
 
+def default_remote(root: Path | str) -> str | None:
+    """The repository's default DVC remote (``core.remote``), if one is set."""
+    with _repo(root) as repo:
+        return repo.config.get("core", {}).get("remote")
+
+
 def track(root: Path | str, paths: Sequence[Path | str]) -> list[Path]:
     """Record outputs in DVC: ``dvc commit`` for a dvc.yaml stage output, else ``dvc add``.
 

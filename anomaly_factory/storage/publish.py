@@ -19,6 +19,7 @@ from anomaly_factory.layout import RunLayout
 log = logging.getLogger(__name__)
 
 Switch = bool | Literal["auto"]
+DVC_REMOTE = "store"  # the remote publish adds when a repository has none
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,13 @@ def publish_version(
     if root is not None and (use_dvc or use_tag):
         tracked = dvc_ops.track(root, [version_dir])
         if use_dvc:
+            if pub.dvc_remote is None and dvc_ops.default_remote(root) is None:
+                # no remote yet: the version's own bucket, committed with the tag so that
+                # `dvc get <repo> ... --rev <version>` finds the data from anywhere
+                url = "/".join(p for p in (f"s3://{bucket}", prefix.strip("/"), "dvc") if p)
+                dvc_ops.add_s3_remote(root, DVC_REMOTE, url)
+                tracked.append(root / ".dvc" / "config")
+                log.info("publish %s: DVC remote %r set to %s", version, DVC_REMOTE, url)
             dvc_ops.push(root, [version_dir], remote=pub.dvc_remote)
     uploader = Uploader(
         make_client(pub.max_attempts),
