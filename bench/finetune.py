@@ -1,7 +1,8 @@
 """Benchmark of MAGIC's training side: tiny pretraining and per-type fine-tuning speed.
 
 Prints a table and writes JSON (``--out``). On CPU it times the ``tiny`` preset
-(pretraining of one demo category, then fine-tuning of one anomaly type) with
+(pretraining of one demo category, our training step against a plain diffusers
+DreamBooth-inpaint step on the same UNet, then fine-tuning of one anomaly type) with
 the configured shapes. With ``--sd2`` and a CUDA GPU it also times the
 SD2-inpainting-size UNet (random weights, built from its config, no download)
 at 512 px (64 px latent), batch 4, AdamW, as the paper profile trains it::
@@ -87,6 +88,15 @@ def bench_tiny(config: Path | None, category: str, anomaly_type: str) -> list[di
                 "loss": losses["unet_loss"],
             }
         )
+        from anomaly_factory.generators.magic.finetune import load_fewshot
+        from anomaly_factory.generators.magic.models import load_base_pipeline
+
+        pipe = load_base_pipeline(cfg, category, manifest)
+        pipe.vae.requires_grad_(False)
+        images, masks, _ = load_fewshot(manifest, category, anomaly_type, cfg.finetune.resolution)
+        rows += bench_step_vs_plain(
+            pipe, images, masks, cfg.finetune.prompt, cfg.finetune.batch_size, 10, 5
+        )
         t0 = time.perf_counter()
         out = finetune(cfg, manifest, category, anomaly_type, tmp / "ck")
         dt = time.perf_counter() - t0
@@ -99,6 +109,112 @@ def bench_tiny(config: Path | None, category: str, anomaly_type: str) -> list[di
                 "steps_per_s": meta["steps"] / dt,
                 "peak_mb": peak_rss_mb(),
                 "loss": meta["last_loss"],
+            }
+        )
+    return rows
+
+
+def bench_step_vs_plain(
+    pipe,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    prompt: str,
+    batch: int,
+    steps: int,
+    rounds: int,
+) -> list[dict]:
+    """Our fine-tuning step against a plain diffusers DreamBooth-inpaint step, interleaved.
+
+    Plain: what ``train_dreambooth_inpaint.py`` does per step (VAE-encode image and
+    masked image, add noise, UNet forward/backward, AdamW). Ours: the same UNet and
+    objective, with the few-shot latents encoded once (``encode_fewshot``) and GPP on
+    the prompt. Each gets its own copy of the UNet and optimizer; ``rounds`` alternate.
+    """
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    from anomaly_factory.generators.magic.finetune import encode_fewshot
+    from anomaly_factory.generators.magic.gpp import gaussian_prompt_perturbation
+    from anomaly_factory.generators.magic.models import (
+        encode_prompt,
+        inpainting_loss,
+        latent_mask,
+        masked_inputs,
+    )
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    sf = pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        embeds = encode_prompt(pipe, prompt, 1).float()
+    n = len(images)
+
+    def make(kind: str):
+        unet = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        fewshot = encode_fewshot(pipe, images, masks) if kind == "ours" else None
+
+        def step() -> None:
+            idx = torch.randint(0, n, (batch,), generator=gen)
+            if kind == "plain":
+                x, m = images[idx], masks[idx]
+                with torch.no_grad():
+                    latents = pipe.vae.encode(x).latent_dist.sample(gen) * sf
+                    masked = pipe.vae.encode(masked_inputs(x, m)).latent_dist.sample(gen) * sf
+                noise = torch.randn(latents.shape, generator=gen)
+                t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+                noisy = sched.add_noise(latents, noise, t)
+                lm = latent_mask(m, latents.shape[-1])
+                pred = unet(
+                    torch.cat([noisy, lm, masked], 1),
+                    t,
+                    encoder_hidden_states=embeds.expand(batch, -1, -1),
+                ).sample
+                loss = torch.nn.functional.mse_loss(pred, noise)
+            else:
+                latents = (
+                    fewshot.mean[idx]
+                    + fewshot.std[idx] * torch.randn(fewshot.mean[idx].shape, generator=gen)
+                ) * sf
+                masked = (
+                    fewshot.masked_mean[idx]
+                    + fewshot.masked_std[idx]
+                    * torch.randn(fewshot.masked_mean[idx].shape, generator=gen)
+                ) * sf
+                cond = gaussian_prompt_perturbation(embeds.expand(batch, -1, -1), 1.0, None, gen)
+                loss = inpainting_loss(unet, sched, latents, fewshot.masks[idx], masked, cond, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+
+        return step
+
+    kinds = {"plain": make("plain"), "ours": make("ours")}
+    for step in kinds.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(rounds):
+        for kind, step in kinds.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[kind].append(time.perf_counter() - t0)
+    rows = []
+    for kind, ts in times.items():
+        best = min(ts)
+        rows.append(
+            {
+                "what": f"{kind} step: tiny UNet, batch {batch}"
+                + (" (VAE encode each step)" if kind == "plain" else " (cached latents + GPP)"),
+                "steps": steps,
+                "seconds": best,
+                "steps_per_s": steps / best,
+                "peak_mb": peak_rss_mb(),
+                "loss": float("nan"),
+                "vs_plain": min(times["plain"]) / best,
+                "runs_s": [round(t, 3) for t in ts],
             }
         )
     return rows
@@ -158,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd2-steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "finetune.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "finetune.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,9 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{'what':<52} {'steps':>6} {'s':>8} {'steps/s':>8} {'peak MB':>9} {'loss':>7}")
     for r in rows:
+        ratio = f"  {r['vs_plain']:.2f}x plain" if "vs_plain" in r else ""
         print(
             f"{r['what']:<52} {r['steps']:>6} {r['seconds']:>8.1f} {r['steps_per_s']:>8.2f} "
-            f"{r['peak_mb']:>9.0f} {r['loss']:>7.4f}"
+            f"{r['peak_mb']:>9.0f} {r['loss']:>7.4f}{ratio}"
         )
     env = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
