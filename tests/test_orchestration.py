@@ -5,6 +5,7 @@ One server and one worker per module; every process is torn down by PID.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -129,6 +130,17 @@ def _task_runs(flow_run_id) -> list:
         )
 
 
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
 def _tree_hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): sha256_file(p)
@@ -149,6 +161,15 @@ def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir
         assert run.work_pool_name == "cuda"
         assert run.infrastructure_pid, "the process worker records the PID it ran the flow in"
     assert (workdir / "data" / "pairs" / "v1" / "pairs.parquet").exists()
+
+    # the run's artifacts: gate and metric tables, where the outputs are, progress at 100 %
+    first = max(_flow_runs("factory"), key=lambda r: r.start_time)
+    artifacts = _artifacts(first.id)
+    assert {"gates", "metrics", "factory-run", "factory-progress"} <= set(artifacts)
+    assert float(artifacts["factory-progress"].data) == 100.0
+    metrics = json.loads(artifacts["metrics"].data)
+    assert len(metrics) == 4 and all(m["kid_x1e3"] is not None for m in metrics)
+    assert result["report"] in artifacts["factory-run"].data
 
     # rerun with nothing changed: every task of the new factory run is a cache hit
     before = {r.id for r in _flow_runs("gpu-stage")}
