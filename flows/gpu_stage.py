@@ -35,12 +35,19 @@ def stage_outputs(
 
 
 class _Heartbeat:
-    """Sets a Prefect Variable every few seconds while the stage runs."""
+    """Sets a Prefect Variable every few seconds while the stage runs on a worker.
+
+    The last beat is left in place on exit: the run's state turns Completed only after
+    the flow returns, and a dispatcher that saw the beat vanish in that gap would take a
+    finished run for a dead one. The dispatcher unsets the variable once it is done.
+    A stage called in-process (no deployment, nobody watching) does not beat.
+    """
 
     def __init__(self) -> None:
         self._stop = threading.Event()
         ctx = get_run_context()
         self.name = heartbeat_name(ctx.flow_run.id)
+        self.enabled = ctx.flow_run.deployment_id is not None
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
@@ -50,14 +57,14 @@ class _Heartbeat:
             self._stop.wait(HEARTBEAT_S)
 
     def __enter__(self) -> _Heartbeat:
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=HEARTBEAT_S + 1)
-        with contextlib.suppress(Exception):  # the dispatcher unsets it too
-            Variable.unset(self.name)
+        if self.enabled:
+            self._thread.join(timeout=HEARTBEAT_S + 1)
 
 
 @flow(name="gpu-stage", persist_result=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.states import Crashed
@@ -51,16 +52,23 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
                 started = run.start_time.timestamp() if run.start_time else created
                 last = float(beat) if beat is not None else started
                 if time.time() - last > heartbeat_timeout:
-                    client.set_flow_run_state(
-                        flow_run_id, Crashed(message="heartbeat lost: worker gone"), force=True
+                    # not forced: a run that finished since it was read keeps its final state
+                    result = client.set_flow_run_state(
+                        flow_run_id, Crashed(message="heartbeat lost: worker gone")
                     )
+                    if result.status != SetStateStatus.ACCEPT:  # it ended on its own
+                        time.sleep(POLL_S)
+                        continue
                     raise StageCrashed(
                         f"GPU stage run {run.name}: no heartbeat for {heartbeat_timeout:.0f}s"
                     )
             elif time.time() - created > start_timeout:
-                client.set_flow_run_state(
-                    flow_run_id, Crashed(message="never started: no worker"), force=True
+                result = client.set_flow_run_state(
+                    flow_run_id, Crashed(message="never started: no worker")
                 )
+                if result.status != SetStateStatus.ACCEPT:
+                    time.sleep(POLL_S)
+                    continue
                 raise StageCrashed(f"GPU stage run {run.name}: no worker picked it up")
             logger.debug("waiting for %s (%s)", run.name, state.name if state else "?")
             time.sleep(POLL_S)

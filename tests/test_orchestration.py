@@ -149,6 +149,48 @@ def _tree_hashes(root: Path) -> dict[str, str]:
     }
 
 
+def test_a_stage_that_completes_as_its_heartbeat_is_judged_stays_completed(api, monkeypatch):
+    """The race CI hit: the dispatcher reads Running, the run completes, then its beat
+    looks stale. The crash verdict must not overwrite the Completed state."""
+    from prefect import flow
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.states import Completed, Running
+
+    from tasks.dispatch import _wait
+
+    @flow(name="race-probe")
+    def probe() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(probe)
+        client.set_flow_run_state(run.id, Running())
+        stale = client.read_flow_run(run.id)  # what the dispatcher saw
+        assert stale.state.is_running(), stale.state
+        client.set_flow_run_state(run.id, Completed())
+
+    real = SyncPrefectClient.read_flow_run
+    reads: list[object] = []
+
+    def first_read_is_stale(self, flow_run_id):
+        if flow_run_id != run.id:  # the engine reads its own runs too
+            return real(self, flow_run_id)
+        reads.append(flow_run_id)
+        return stale if len(reads) == 1 else real(self, flow_run_id)
+
+    monkeypatch.setattr(SyncPrefectClient, "read_flow_run", first_read_is_stale)
+
+    @flow(name="race-dispatcher")
+    def dispatcher() -> None:
+        _wait(run.id, heartbeat_timeout=0.0, start_timeout=60)  # stale at once: no beat
+
+    dispatcher()  # returns: the run completed; no StageCrashed
+    monkeypatch.undo()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run.id).state.is_completed()
+    assert len(reads) >= 2
+
+
 def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir):
     config = workdir / "pipelines.yaml"
     result = _run_factory(workdir, "v1", config)
