@@ -134,14 +134,8 @@ def bench_step_vs_plain(
 
     from diffusers import DDPMScheduler
 
-    from anomaly_factory.generators.magic.finetune import encode_fewshot
-    from anomaly_factory.generators.magic.gpp import gaussian_prompt_perturbation
-    from anomaly_factory.generators.magic.models import (
-        encode_prompt,
-        inpainting_loss,
-        latent_mask,
-        masked_inputs,
-    )
+    from anomaly_factory.generators.magic.finetune import encode_fewshot, fewshot_batch_loss
+    from anomaly_factory.generators.magic.models import encode_prompt, latent_mask, masked_inputs
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     sf = pipe.vae.config.scaling_factor
@@ -172,18 +166,8 @@ def bench_step_vs_plain(
                     encoder_hidden_states=embeds.expand(batch, -1, -1),
                 ).sample
                 loss = torch.nn.functional.mse_loss(pred, noise)
-            else:
-                latents = (
-                    fewshot.mean[idx]
-                    + fewshot.std[idx] * torch.randn(fewshot.mean[idx].shape, generator=gen)
-                ) * sf
-                masked = (
-                    fewshot.masked_mean[idx]
-                    + fewshot.masked_std[idx]
-                    * torch.randn(fewshot.masked_mean[idx].shape, generator=gen)
-                ) * sf
-                cond = gaussian_prompt_perturbation(embeds.expand(batch, -1, -1), 1.0, None, gen)
-                loss = inpainting_loss(unet, sched, latents, fewshot.masks[idx], masked, cond, gen)
+            else:  # exactly the fine-tuning loop's loss
+                loss = fewshot_batch_loss(unet, sched, fewshot, idx, embeds, 1.0, None, sf, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

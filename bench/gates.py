@@ -42,7 +42,12 @@ def build_data(root: Path, n: int) -> tuple[Path, Path]:
 
     from anomaly_factory.config import DemoSection
     from anomaly_factory.datasets.ingest import ingest
-    from anomaly_factory.generators.output import pair_key, save_pair, write_pairs_manifest
+    from anomaly_factory.generators.output import (
+        pair_key,
+        pair_metadata,
+        save_pair,
+        write_pairs_manifest,
+    )
     from anomaly_factory.manifest import read_images
 
     demo = DemoSection(seed=0, size=64, n_train=8, n_test_good=4, n_per_type=12)
@@ -59,19 +64,17 @@ def build_data(root: Path, n: int) -> tuple[Path, Path]:
         src = rows.iloc[i % len(rows)]
         img = np.asarray(Image.open(src["image_path"]).convert("RGB")).astype(np.float32)
         img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-        meta = {
-            "dataset": src["dataset"],
-            "category": CATEGORY,
-            "anomaly_type": ANOMALY_TYPE,
-            "generator": "bench_perturbed_real",
-            "seed": i,
-            "sigma": 1.0,
-            "w_m": 4.0,
-            "w_d": 7.5,
-            "steps": 0,
-            "checkpoint_hash": "none",
-            "mask_source": "real",
-        }
+        meta = pair_metadata(
+            src["dataset"],
+            CATEGORY,
+            ANOMALY_TYPE,
+            "bench_perturbed_real",
+            i,
+            "real",
+            sigma=1.0,
+            w_m=4.0,
+            w_d=7.5,
+        )
         mask = np.asarray(Image.open(src["mask_path"]).convert("L"))
         save_pair(out, pair_key("demo", CATEGORY, ANOMALY_TYPE, i), img, mask, normal_img, meta)
     return write_pairs_manifest(out), manifest_path

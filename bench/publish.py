@@ -51,7 +51,12 @@ def build_pairs(root: Path, n: int, size: int) -> tuple[Path, Path, Path]:
     demo manifest and a publishable reports folder."""
     from anomaly_factory.config import DemoSection
     from anomaly_factory.datasets.ingest import ingest
-    from anomaly_factory.generators.output import pair_key, save_pair, write_pairs_manifest
+    from anomaly_factory.generators.output import (
+        pair_key,
+        pair_metadata,
+        save_pair,
+        write_pairs_manifest,
+    )
     from anomaly_factory.io import atomic_write_json
 
     demo = DemoSection(seed=0, size=64, n_train=4, n_test_good=4, n_per_type=3)
@@ -70,19 +75,9 @@ def build_pairs(root: Path, n: int, size: int) -> tuple[Path, Path, Path]:
         mask = np.zeros((size, size), np.uint8)
         c = rng.integers(size // 4, 3 * size // 4, 2)
         mask[c[0] - 12 : c[0] + 12, c[1] - 12 : c[1] + 12] = 255
-        meta = {
-            "dataset": "demo",
-            "category": category,
-            "anomaly_type": "scratch",
-            "generator": "bench_synthetic",
-            "seed": i,
-            "sigma": 1.0,
-            "w_m": 4.0,
-            "w_d": 7.5,
-            "steps": 0,
-            "checkpoint_hash": "none",
-            "mask_source": "real",
-        }
+        meta = pair_metadata(
+            "demo", category, "scratch", "bench_synthetic", i, "real", sigma=1.0, w_m=4.0, w_d=7.5
+        )
         save_pair(out, pair_key("demo", category, "scratch", i), image, mask, normal, meta)
     reports = root / "reports"
     atomic_write_json(reports / "metrics.json", {"bench": True})

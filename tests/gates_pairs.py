@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from anomaly_factory.generators.output import pair_key, save_pair, write_pairs_manifest
+from anomaly_factory.generators.output import (
+    pair_key,
+    pair_metadata,
+    save_pair,
+    write_pairs_manifest,
+)
 
 CATEGORY = "nut_demo"  # one object category, two anomaly types
 
@@ -33,19 +38,17 @@ def build_pairs(
             image = _load(src["image_path"]).astype(np.float32)
             image = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
             key = pair_key(src["dataset"], CATEGORY, anomaly_type, i)
-            meta = {
-                "dataset": src["dataset"],
-                "category": CATEGORY,
-                "anomaly_type": anomaly_type,
-                "generator": "test_perturbed_real",
-                "seed": i,
-                "sigma": 1.0,
-                "w_m": 4.0,
-                "w_d": 7.5,
-                "steps": 0,
-                "checkpoint_hash": "none",
-                "mask_source": "real",
-            }
+            meta = pair_metadata(
+                src["dataset"],
+                CATEGORY,
+                anomaly_type,
+                "test_perturbed_real",
+                i,
+                "real",
+                sigma=1.0,
+                w_m=4.0,
+                w_d=7.5,
+            )
             normal = _load(normals[i % len(normals)])
             save_pair(out_dir, key, image, _load(src["mask_path"], "L"), normal, meta)
     return write_pairs_manifest(out_dir)

@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from anomaly_factory.generators.output import pair_key, save_pair, write_pairs_manifest
+from anomaly_factory.generators.output import (
+    pair_key,
+    pair_metadata,
+    save_pair,
+    write_pairs_manifest,
+)
 from anomaly_factory.io import atomic_write_json, md5_file, sha256_file
 from anomaly_factory.storage.card import read_card
 from anomaly_factory.storage.shards import (
@@ -34,19 +39,18 @@ def make_pairs(manifest: pd.DataFrame, out_dir: Path, per_type: int = 2, n_cats:
         rows = manifest[(manifest["category"] == category) & (manifest["split"] == "fewshot")]
         for anomaly_type, group in rows.groupby("anomaly_type"):
             for i, row in enumerate(group.head(per_type).itertuples()):
-                meta = {
-                    "dataset": row.dataset,
-                    "category": category,
-                    "anomaly_type": anomaly_type,
-                    "generator": "test",
-                    "seed": i,
-                    "sigma": 1.0,
-                    "w_m": 4.0,
-                    "w_d": 7.5,
-                    "steps": 2,
-                    "checkpoint_hash": "none",
-                    "mask_source": "real",
-                }
+                meta = pair_metadata(
+                    row.dataset,
+                    category,
+                    anomaly_type,
+                    "test",
+                    i,
+                    "real",
+                    sigma=1.0,
+                    w_m=4.0,
+                    w_d=7.5,
+                    steps=2,
+                )
                 save_pair(
                     out_dir,
                     pair_key(row.dataset, category, anomaly_type, i),

@@ -30,6 +30,38 @@ def pair_key(dataset: str, category: str, anomaly_type: str, index: int) -> str:
     return "-".join([*safe, f"{index:06d}"])
 
 
+def pair_metadata(
+    dataset: str,
+    category: str,
+    anomaly_type: str,
+    generator: str,
+    seed: int,
+    mask_source: str,
+    *,
+    sigma: float = 0.0,
+    w_m: float = 0.0,
+    w_d: float = 0.0,
+    steps: int = 0,
+    checkpoint_hash: str = "none",
+    **extra: Any,
+) -> dict[str, Any]:
+    """The non-path PAIR_COLUMNS of one pair; the defaults say "no diffusion sampling"."""
+    return {
+        "dataset": dataset,
+        "category": category,
+        "anomaly_type": anomaly_type,
+        "generator": generator,
+        "seed": seed,
+        "sigma": sigma,
+        "w_m": w_m,
+        "w_d": w_d,
+        "steps": steps,
+        "checkpoint_hash": checkpoint_hash,
+        "mask_source": mask_source,
+        **extra,
+    }
+
+
 def record_path(out_dir: Path, key: str) -> Path:
     return Path(out_dir) / "records" / f"{key}.json"
 

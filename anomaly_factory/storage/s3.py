@@ -171,11 +171,6 @@ def file_checksums(path: Path, chunksize: int) -> tuple[str, set[str]]:
     return whole.hexdigest(), {_b64(whole.digest()), composite, f"{composite}-{len(parts)}"}
 
 
-def expected_checksums(path: Path, chunksize: int) -> set[str]:
-    """S3's ChecksumSHA256 values for a whole-object or multipart upload of ``path``."""
-    return file_checksums(path, chunksize)[1]
-
-
 def _intact(meta: dict[str, Any] | None, path: Path, sha_hex: str, checksums: set[str]) -> bool:
     if meta is None or meta.get("ContentLength") != path.stat().st_size:
         return False

@@ -13,7 +13,13 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
-from anomaly_factory.generators.output import is_done, pair_key, save_pair, write_pairs_manifest
+from anomaly_factory.generators.output import (
+    is_done,
+    pair_key,
+    pair_metadata,
+    save_pair,
+    write_pairs_manifest,
+)
 from anomaly_factory.manifest import GOOD, read_images, select
 
 # (normal uint8 HxWx3, per-pair rng, pair seed) -> (anomalous image, bool mask)
@@ -80,19 +86,8 @@ def generate_baseline_pairs(
         source = str(normals["image_path"].iloc[int(rng.integers(len(normals)))])
         normal = load_rgb(source, size)
         image, mask = synthesize(normal, rng, seed)
-        metadata = {
-            "dataset": dataset,
-            "category": category,
-            "anomaly_type": anomaly_type,
-            "generator": generator,
-            "seed": seed,
-            "sigma": 0.0,
-            "w_m": 0.0,
-            "w_d": 0.0,
-            "steps": 0,
-            "checkpoint_hash": "none",
-            "mask_source": mask_source,
-            "source_path": source,
-        }
+        metadata = pair_metadata(
+            dataset, category, anomaly_type, generator, seed, mask_source, source_path=source
+        )
         save_pair(out_dir, key, image, mask, normal, metadata)
     return write_pairs_manifest(out_dir)

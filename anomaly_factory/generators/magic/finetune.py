@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.generators.magic.checkpoints import (
@@ -217,14 +217,17 @@ def finetune(
         task = progress.add_task(f"finetune {category}/{anomaly_type}", total=stop, completed=step)
         while step < stop:
             idx = torch.randint(0, n, (ft.batch_size,), generator=gen)
-            latents = _sample(fewshot.mean[idx], fewshot.std[idx], gen) * sf
-            masked_latents = _sample(fewshot.masked_mean[idx], fewshot.masked_std[idx], gen) * sf
-            cond = gaussian_prompt_perturbation(
-                prompt_embeds.expand(ft.batch_size, -1, -1), ft.gpp.sigma, positions, gen
-            )
             with autocast:
-                loss = inpainting_loss(
-                    unet, noise_scheduler, latents, fewshot.masks[idx], masked_latents, cond, gen
+                loss = fewshot_batch_loss(
+                    unet,
+                    noise_scheduler,
+                    fewshot,
+                    idx,
+                    prompt_embeds,
+                    ft.gpp.sigma,
+                    positions,
+                    sf,
+                    gen,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -259,6 +262,27 @@ def finetune(
     if step >= target_steps and not ft.keep_train_state:
         clear_train_state(out_dir)
     return out_dir
+
+
+def fewshot_batch_loss(
+    unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+    fewshot: FewshotLatents,
+    idx: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    sigma: float,
+    positions: torch.Tensor | None,
+    scaling_factor: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """One fine-tuning batch's loss: posterior samples of the cached few-shot latents,
+    GPP on the prompt, then the inpainting objective (what ``bench/finetune.py`` times)."""
+    latents = _sample(fewshot.mean[idx], fewshot.std[idx], gen) * scaling_factor
+    masked = _sample(fewshot.masked_mean[idx], fewshot.masked_std[idx], gen) * scaling_factor
+    cond = gaussian_prompt_perturbation(
+        prompt_embeds.expand(len(idx), -1, -1), sigma, positions, gen
+    )
+    return inpainting_loss(unet, noise_scheduler, latents, fewshot.masks[idx], masked, cond, gen)
 
 
 def _sample(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
