@@ -77,10 +77,15 @@ class SplitSection(Section):
 class TinyModelSection(Section):
     """Shapes of the small inpainting model built from configs for CPU runs."""
 
-    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
+    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
     vae_channels: list[PositiveInt] = Field(
-        default_factory=lambda: [16, 32, 32],
+        default_factory=lambda: [32, 64],
         description="One block per entry; the latent is 2^(n-1) times smaller than the image",
+    )
+    unet_cross_attention: list[bool] | None = Field(
+        default_factory=lambda: [False, True, False],
+        description="Per UNet level, whether it has cross-attention blocks; None: every level "
+        "but the deepest (SD's layout). Attention at the full latent grid dominates CPU time",
     )
     latent_channels: Literal[4] = 4
     vae_layers_per_block: PositiveInt = 1
@@ -94,6 +99,11 @@ class TinyModelSection(Section):
     vocab_words: list[str] = Field(
         default_factory=list,
         description="Extra whole-word tokens; the prompt's words are always in the vocabulary",
+    )
+    base: Literal["bundled", "pretrain"] = Field(
+        default="bundled",
+        description="bundled: the shipped base (anomaly_factory/assets/tiny_inpaint, built by "
+        "scripts/build_tiny_base.py); pretrain: pretrain one per category on its train images",
     )
     seed: int = 0
     pretrain_vae_steps: Annotated[int, Field(ge=0)] = 100
@@ -147,6 +157,10 @@ class FinetuneSection(Section):
         default=False, description="Keep optimizer/RNG state after the last step (to extend later)"
     )
     gradient_checkpointing: bool = False
+    mask_loss_weight: Annotated[float, Field(ge=1)] = Field(
+        default=1.0,
+        description="Weight of the defect's latent cells in the loss (1 = the paper's plain MSE)",
+    )
     log_every: PositiveInt = 10
     seed: int = 0
     gpp: GPPSection = Field(default_factory=GPPSection)
@@ -212,7 +226,23 @@ class CamaSection(Section):
     foreground_max_ratio: Fraction = Field(
         default=0.95, description="An object foreground covering more is reported 'full'"
     )
-    trust_remote_code: bool = False
+    foreground_model_resolution: PositiveInt = Field(
+        default=320, description="Side the learned segmenter sees (U²-Net 320, BiRefNet/RMBG 1024)"
+    )
+    foreground_model_mean: Annotated[list[float], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [0.0, 0.0, 0.0],
+        description="Per-channel mean subtracted from the [0, 1] input (ImageNet for BiRefNet)",
+    )
+    foreground_model_std: Annotated[list[Positive], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [1.0, 1.0, 1.0], description="Per-channel divisor after the mean"
+    )
+    foreground_model_output: int = Field(
+        default=0, description="Element of a list output holding the final map (BiRefNet: -1)"
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let a Hugging Face foreground_model run its own code (BiRefNet, RMBG)",
+    )
     features: Literal["gradient", "dinov2"] = "gradient"
     features_model: str = "facebook/dinov2-small"
     features_resolution: PositiveInt = Field(
@@ -258,10 +288,59 @@ class SAGSection(Section):
     schedule: Literal["cosine"] = "cosine"
 
 
+# The critical DDIM eta (where the variance exceeds 1 - alpha_prev) of SD's scaled-linear
+# schedule peaks at 2.85 (50 steps; 1.89 at 20): a larger eta_inside is clipped at every step.
+ETA_INSIDE_MAX = 3.0
+EtaSchedule = Literal[
+    "constant",
+    "linear_down",
+    "linear_up",
+    "cosine_down",
+    "cosine_up",
+    "poly_down",
+    "poly_up",
+    "exp_down",
+    "exp_up",
+    "sigmoid_down",
+    "sigmoid_up",
+]
+
+
 class MGNISection(Section):
+    """Mask-guided noise injection: a per-position DDIM eta (the public MAGIC code's final
+    version, ``magic_ddim.py``). The schedule runs from ``eta_inside`` at the first step
+    to ``eta_inside_min`` at the last (``*_down``), or the other way (``*_up``)."""
+
     enabled: bool = False
-    eta_inside: NonNegative = 1.0
-    eta_outside: NonNegative = 0.0
+    eta_inside: Annotated[float, Field(ge=0, le=ETA_INSIDE_MAX)] = Field(
+        default=1.0, description="Eta inside the mask (the schedule's maximum)"
+    )
+    eta_inside_min: Annotated[float, Field(ge=0, le=ETA_INSIDE_MAX)] = Field(
+        default=0.0, description="The schedule's minimum (unused by 'constant')"
+    )
+    eta_outside: Fraction = Field(default=0.0, description="Eta outside the mask (<= 1: valid)")
+    schedule: EtaSchedule = "constant"
+    power: Positive = Field(default=2.0, description="Exponent of poly_* schedules")
+    exp_k: Positive = Field(default=3.0, description="Rate of exp_* schedules")
+    sigmoid_k: Positive = Field(default=8.0, description="Slope of sigmoid_* schedules")
+    stop_step: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="From this step index on, eta_inside is 0; null: never"
+    )
+    guard: Literal["clip_to_crit", "zero_before_neg"] = Field(
+        default="clip_to_crit",
+        description="Where eta_inside would make the DDIM variance invalid (NaN): clip it to "
+        "guard_margin x the critical eta, or set it to 0",
+    )
+    guard_margin: Annotated[float, Field(gt=0, le=1)] = 0.99
+
+    @model_validator(mode="after")
+    def _check_range(self) -> MGNISection:
+        if self.eta_inside_min > self.eta_inside:
+            raise ValueError(
+                f"generate.mgni.eta_inside_min: {self.eta_inside_min} is not <= eta_inside "
+                f"({self.eta_inside})"
+            )
+        return self
 
 
 class PasteBackSection(Section):
@@ -287,6 +366,20 @@ class GenerateSection(Section):
     mgni: MGNISection = Field(default_factory=MGNISection)
     paste_back: PasteBackSection = Field(default_factory=PasteBackSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    latent_mask: Literal["nearest", "coverage"] = Field(
+        default="coverage",
+        description="Mask on the latent grid (UNet input, SAG, MGNI): 'nearest' as diffusers "
+        "(a scratch thinner than a latent cell vanishes), or 'coverage' (cells the mask covers)",
+    )
+    latent_mask_min_coverage: Fraction = Field(
+        default=0.0,
+        description="coverage: least share of a cell's pixels in the mask (0: any pixel)",
+    )
+    gpp_mismatch: Literal["error", "warn"] = Field(
+        default="error",
+        description="When generate.gpp differs from the checkpoint's training GPP (the paper's "
+        "ablation: inference-only GPP hurts)",
+    )
     out_dir: Path = Path("data/pairs")
 
 
@@ -407,18 +500,103 @@ class LPIPSSection(Section):
     seed: int = Field(default=0, description="Seeds the random trunk when pretrained is false")
 
 
+class PairChecksSection(Section):
+    """Weight-free pixel checks computed for every pair (``gates/pair_checks.py``).
+
+    A threshold set to null turns its check off; the report says which are off.
+    """
+
+    dilation_px: Annotated[int, Field(ge=0)] = Field(
+        default=4,
+        description="The mask is dilated by this before 'outside' is measured (covers "
+        "MAGIC's 3 px paste-back feather)",
+    )
+    psnr_min: NonNegative | None = Field(
+        default=30.0, description="Background kept: PSNR (dB) outside the dilated mask"
+    )
+    ssim_min: Annotated[float, Field(ge=-1, le=1)] | None = Field(
+        default=0.9, description="Background kept: mean SSIM outside the dilated mask"
+    )
+    change_min: NonNegative | None = Field(
+        default=8.0, description="Anomaly present: mean |anomaly - normal| inside the mask (0-255)"
+    )
+    concentration_min: NonNegative | None = Field(
+        default=3.0, description="Anomaly present: change inside / (change outside + 1)"
+    )
+    foreground_share_min: Fraction | None = Field(
+        default=0.9, description="Mask placement: share of mask pixels on the normal's object"
+    )
+    memorisation_min: NonNegative | None = Field(
+        default=1.5,
+        description="No memorisation: least distance (0-255) of the defect crop to every "
+        "few-shot defect crop of the type (and their flips / 90-degree turns)",
+    )
+    crop_size: Annotated[int, Field(ge=8)] = Field(
+        default=32, description="Side the defect crops are compared at (memorisation)"
+    )
+    duplicate_iou_min: Fraction | None = Field(
+        default=0.9, description="Near-duplicate: mask IoU at least this ..."
+    )
+    duplicate_difference_max: NonNegative = Field(
+        default=2.0, description="... and mean |difference| (0-255) over the masks at most this"
+    )
+
+
+class TypeGatesSection(Section):
+    """Per-type distribution gates that calibrate themselves against reference sets."""
+
+    kid_references: list[Literal["normals", "cutpaste"]] = Field(
+        default_factory=lambda: ["normals", "cutpaste"],
+        description="KID of the defect regions must not be above that of each reference set "
+        "built from the same normals and masks (see kid_tie_se); [] turns the gate off",
+    )
+    kid_tie_se: NonNegative = Field(
+        default=2.0,
+        description="A defect-region KID within this many standard errors (paired jackknife) "
+        "above a reference's ties and passes; 0 = strictly below. Identical sets have no "
+        "error, so 'doing nothing' never ties with the normals",
+    )
+    region_size: Annotated[int, Field(ge=16)] = Field(
+        default=64, description="Side of the defect-region crops fed to the KID extractor"
+    )
+    region_context: NonNegative = Field(
+        default=0.5, description="Margin around the mask's box, as a fraction of its side"
+    )
+    ic_lpips_ratio_min: NonNegative | None = Field(
+        default=0.1,
+        description="IC-LPIPS must reach this fraction of the real test anomalies' own IC-LPIPS",
+    )
+
+
 class GatesSection(Section):
     """Quality gates a generated version must pass before it is publishable."""
 
-    kid_max: Positive | None = None
-    ic_lpips_min: NonNegative | None = None
+    kid_max: Positive | None = Field(
+        default=None,
+        description="Absolute KID x1e3 ceiling; applied only with the standard Inception",
+    )
+    ic_lpips_min: NonNegative | None = Field(
+        default=None, description="Absolute IC-LPIPS floor; applied only with ImageNet LPIPS-VGG"
+    )
     mask_area_min: Fraction = 0.0005
     mask_area_max: Fraction = 0.5
     required_metadata: list[str] | None = Field(
         default=None, description="Pair columns that must be non-null; None = all PAIR_COLUMNS"
     )
+    on_pair_failure: Literal["fail", "drop"] = Field(
+        default="fail",
+        description="fail: a failing pair fails its type; drop: failing pairs stay out of the "
+        "shards and the type needs its full count from the rest",
+    )
+    extra_candidates: NonNegative = Field(
+        default=0.25,
+        description="With on_pair_failure: drop, the generator makes n_pairs * (1 + this) "
+        "candidates per type",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     report_samples: PositiveInt = Field(default=4, description="Sample rows per type in report")
+    pair_checks: PairChecksSection = Field(default_factory=PairChecksSection)
+    type_gates: TypeGatesSection = Field(default_factory=TypeGatesSection)
     kid: KIDSection = Field(default_factory=KIDSection)
     lpips: LPIPSSection = Field(default_factory=LPIPSSection)
     out_dir: Path = Path("data/reports")

@@ -109,23 +109,25 @@ def generate_type(
 ) -> str:
     """Masks -> CAMA -> generation for one type; resumable, returns pairs.parquet."""
     from anomaly_factory import progress
+    from anomaly_factory.gates.publication import candidates_per_type
     from anomaly_factory.generators.registry import get_generator
 
     layout = _layout(cfg_json, version, root)
     cfg = layout.cfg
     generate = get_generator(cfg.generator)
     unit = f"{category}/{anomaly_type}"
-    progress.report(layout.progress, "generate", unit, 0, cfg.generate.n_pairs)
+    n = candidates_per_type(cfg)  # n_pairs, plus extras when the gates drop failing pairs
+    progress.report(layout.progress, "generate", unit, 0, n)
     pairs = generate(
         cfg,
         Path(manifest),
         category,
         anomaly_type,
-        cfg.generate.n_pairs,
+        n,
         layout.pairs_dir(category, anomaly_type),
         checkpoint=Path(checkpoint) if checkpoint else None,
     )
-    progress.report(layout.progress, "generate", unit, cfg.generate.n_pairs, cfg.generate.n_pairs)
+    progress.report(layout.progress, "generate", unit, n, n)
     return str(pairs)
 
 

@@ -332,3 +332,100 @@ def test_align_cli_errors_name_the_problem(demo_manifest_path, tmp_path):
         ],
     )
     assert result.exit_code != 0 and "dent" in result.output
+
+
+# --------------------------------------------------------------------------- generate path
+SCENE = 128  # side of the generate-path scene
+TRAY = (slice(6, 40), slice(96, 122))  # a fixture beside the object: foreground by colour
+
+
+def _scene(pose: tuple[float, float, float, float], seed: int):
+    """The key at ``pose`` next to a textured tray; the image, the key's exact
+    foreground and the canvas-to-image map."""
+    cx, cy, angle, scale = pose
+    m = cv2.getRotationMatrix2D((CANVAS / 2, CANVAS / 2), angle, SCENE / CANVAS * scale)
+    m[:, 2] += np.array([cx, cy]) - CANVAS / 2
+    img, alpha = _canonical()
+    rng = np.random.default_rng(seed)
+    bg = np.clip(45 + rng.normal(0, 3, (SCENE, SCENE, 1)), 0, 255).repeat(3, -1)
+    yy, xx = np.mgrid[0:SCENE, 0:SCENE]
+    checker = ((yy // 4 + xx // 4) % 2)[..., None] * np.array([40, 60, 10])
+    bg[TRAY] = (np.array([60, 110, 60]) + checker)[TRAY]
+    obj = cv2.warpAffine(img, m, (SCENE, SCENE), flags=cv2.INTER_LINEAR)
+    a = cv2.warpAffine(alpha.astype(np.float32), m, (SCENE, SCENE), flags=cv2.INTER_LINEAR)
+    out = bg * (1 - a[..., None]) + obj * a[..., None] + rng.normal(0, 2, (SCENE, SCENE, 1))
+    return np.clip(out, 0, 255).astype(np.uint8), a >= 0.5, m
+
+
+def _ellipse(center, axes, angle=0) -> np.ndarray:
+    mask = np.zeros((SCENE, SCENE), np.uint8)
+    cx, cy = (int(round(v)) for v in center)
+    cv2.ellipse(mask, (cx, cy), axes, angle, 0, 360, 1, -1)
+    return mask > 0
+
+
+def test_generate_path_takes_keypoints_from_the_reference_defect(cfg, tmp_path):
+    """A generated mask that the mask generator put on the tray of the reference image:
+    CAMA must read its keypoints where the reference shows its defect (on the key's
+    shaft), not where the generated mask happens to lie. Through ``align_pair`` (the
+    generate path) the mask lands on the key; the old call, which read the keypoints
+    under the generated mask, sends it to the tray."""
+    from anomaly_factory.generators.magic.pairs import ImageCache, align_pair
+
+    cases = [((50, 80, 10, 0.8), (60, 75, -25, 0.8)), ((48, 84, -15, 0.8), (64, 80, 30, 0.8))]
+    old_share, new_share, miss = [], [], []
+    for k, (p_ref, p_normal) in enumerate(cases):
+        reference, fg_ref, m1 = _scene(p_ref, seed=1)
+        normal, fg_normal, m2 = _scene(p_normal, seed=2)
+        defect_at = m1 @ np.array([*DEFECT_AT, 1.0])
+        truth = _ellipse(defect_at, (5, 3), 30) & fg_ref
+        reference[truth] = (235, 235, 225)
+        generated = _ellipse((108, 22), (4, 3))  # the mask source's mask: on the tray
+        paths = {}
+        for name, arr in (("ref", reference), ("normal", normal), ("ref_mask", truth)):
+            paths[name] = str(tmp_path / f"{k}_{name}.png")
+            Image.fromarray(arr.astype(np.uint8) * (255 if arr.dtype == bool else 1)).save(
+                paths[name]
+            )
+        normals = pd.DataFrame({"image_path": [paths["normal"]]})
+        refs = pd.DataFrame({"image_path": [paths["ref"]], "mask_path": [paths["ref_mask"]]})
+        aligner = CamaAligner(cfg, "key", "dent")
+        _, got_normal, placed, record = align_pair(
+            cfg, "key", "dent", 0, generated, normals, refs, ImageCache(None, SCENE), aligner
+        )
+        assert np.array_equal(got_normal, normal)
+        assert record["reference_mask_source"] == paths["ref_mask"]
+        assert record["cama_n_reference_components"] == 1
+        old, _ = aligner(generated, reference, normal, 0)  # the call generate made before
+        old_share.append(alignment_metrics(old, fg_normal)["foreground_ratio"])
+        new_share.append(alignment_metrics(placed, fg_normal)["foreground_ratio"])
+        expected = m2 @ np.array([*DEFECT_AT, 1.0])
+        ys, xs = np.nonzero(placed)
+        miss.append(float(np.hypot(xs.mean() - expected[0], ys.mean() - expected[1])))
+        assert placed.sum() == generated.sum()  # the generated shape is placed, whole
+    report = (
+        f"share of mask pixels on the key: old call {np.round(old_share, 3).tolist()}, "
+        f"generate path {np.round(new_share, 3).tolist()}; distance to the expected "
+        f"defect centre {np.round(miss, 1).tolist()} px (of {SCENE})"
+    )
+    print(report)
+    assert min(new_share) >= 0.95 and max(old_share) < 0.5, report
+    assert max(miss) < 0.15 * SCENE, report
+
+
+def test_generated_components_pair_with_reference_components(cfg):
+    """Two generated blobs, one reference defect: the second reuses the reference's
+    keypoint line but may not stack on the first."""
+    reference, fg_ref, m1 = _scene((50, 80, 10, 0.8), seed=1)
+    normal, _, _ = _scene((60, 75, -25, 0.8), seed=2)
+    truth = _ellipse(m1 @ np.array([*DEFECT_AT, 1.0]), (5, 3), 30) & fg_ref
+    reference[truth] = (235, 235, 225)
+    generated = _ellipse((108, 22), (4, 3)) | _ellipse((20, 20), (2, 2))
+    aligner = CamaAligner(cfg, "key", "dent")
+    placed, record = aligner(generated, reference, normal, 0, reference_mask=truth)
+    assert record["cama_n_components"] == 2 and record["cama_n_reference_components"] == 1
+    assert placed.sum() == generated.sum()  # no overlap: both blobs kept whole
+    empty, record = aligner(generated, reference, normal, 0, reference_mask=np.zeros_like(truth))
+    assert record["cama_fallback_reason"] == "no_reference_defect"
+    fg = aligner.foreground(normal).mask
+    assert alignment_metrics(empty, fg)["foreground_ratio"] >= 0.95

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from anomaly_factory.datasets.demo import ANOMALY_TYPES, build_demo, foreground, render_category
 from anomaly_factory.io import sha256_file
@@ -45,3 +46,43 @@ def test_anomaly_types_look_different():
     a, ma = render_category("carpet_demo", "stain", 64, 0, 1)
     b, mb = render_category("carpet_demo", "cut", 64, 0, 1)
     assert a[ma].mean() < 120 < b[mb].mean()  # dark stains vs bright cuts
+
+
+# Digest of render_category over every category/type, two sizes and four indices, taken
+# before defect drawing and painting were split into defect_mask / paint_defect.
+RENDER_DIGEST = "53ae6b2cb76262173615f6a21eeb1169dff14f4125cd1e240b56ec03e7bdf459"
+
+
+def test_render_category_bytes_unchanged_by_the_defect_api():
+    import hashlib
+
+    h = hashlib.sha256()
+    for cat, types in ANOMALY_TYPES.items():
+        for kind in ("good", *types):
+            for size in (64, 128):
+                for index in (0, 1, 7, 1003):
+                    img, mask = render_category(cat, kind, size, 0, index)
+                    h.update(img.tobytes())
+                    h.update(np.packbits(mask).tobytes())
+    assert h.hexdigest() == RENDER_DIGEST
+
+
+def test_true_defects_paint_any_image_at_a_given_mask_only():
+    from anomaly_factory.datasets.demo import defect_mask, paint_defect
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)  # not a demo image, not square
+    original = image.copy()
+    region = np.zeros((40, 90), bool)
+    region[5:35, 20:80] = True
+    for cat, types in ANOMALY_TYPES.items():
+        for kind in types:
+            mask = defect_mask(cat, kind, region, rng)
+            assert mask.shape == region.shape and mask.any() and not (mask & ~region).any()
+            painted = paint_defect(cat, kind, image, mask, rng)
+            changed = (painted != image).any(axis=2)
+            assert not (changed & ~mask).any()  # pixel-exact
+            assert changed[mask].mean() > 0.9
+            assert np.array_equal(image, original)  # the input is not modified
+    with pytest.raises(ValueError, match="nut_demo.*stain"):
+        defect_mask("nut_demo", "stain", region, rng)

@@ -81,3 +81,62 @@ def test_sigma_zero_leaves_embeddings_untouched(tokenizer):
 def test_negative_sigma_is_an_error():
     with pytest.raises(ValueError, match="sigma"):
         gaussian_prompt_perturbation(torch.zeros(1, 77, 4), -0.1)
+
+
+# --------------------------------------------------------------------------- consistency
+def test_training_gpp_comes_from_the_checkpoint_meta():
+    from anomaly_factory.generators.magic.gpp import training_gpp
+
+    assert training_gpp({"sigma": 1.0, "target": "all_tokens"}) == (1.0, "all_tokens")
+    sigma, target = training_gpp(None)
+    assert target == "none" and sigma != sigma  # NaN: no fine-tuning
+    assert training_gpp({"steps": 3})[1] == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("train", "inference", "why"),
+    [
+        ((1.0, "anomaly_token"), (1.0, "anomaly_token"), None),
+        ((0.0, "anomaly_token"), (1.0, "anomaly_token"), "sigma 1.0 at inference, 0.0 in training"),
+        ((1.0, "anomaly_token"), (0.5, "anomaly_token"), "sigma 0.5 at inference"),
+        ((1.0, "all_tokens"), (1.0, "anomaly_token"), "target 'anomaly_token' at inference"),
+        ((0.0, "all_tokens"), (0.0, "anomaly_token"), None),  # no perturbation either side
+        ((float("nan"), "none"), (1.0, "anomaly_token"), None),  # base model: nothing to match
+    ],
+)
+def test_gpp_mismatch(train, inference, why):
+    from anomaly_factory.generators.magic.gpp import gpp_mismatch
+
+    got = gpp_mismatch(train, inference)
+    assert got == why if why is None else why in got
+
+
+def test_inference_only_gpp_is_refused_or_warned(caplog):
+    from anomaly_factory.generators.magic.gpp import GPPMismatchError, check_gpp_consistency
+
+    meta = {"sigma": 0.0, "target": "anomaly_token"}
+    with pytest.raises(GPPMismatchError, match="generate.gpp_mismatch: warn"):
+        check_gpp_consistency(meta, 1.0, "anomaly_token", "error", "ckpt/")
+    with caplog.at_level("WARNING"):
+        assert check_gpp_consistency(meta, 1.0, "anomaly_token", "warn") == (0.0, "anomaly_token")
+    assert "inference GPP unlike training hurts" in caplog.text
+
+
+def test_generate_refuses_a_checkpoint_trained_without_gpp(demo_manifest_path, tmp_path):
+    """generate.gpp sigma 1 on a checkpoint fine-tuned with sigma 0: refused before any
+    model is loaded (the paper's ablation: inference-only GPP hurts)."""
+    import json
+
+    from anomaly_factory.config import FactoryConfig
+    from anomaly_factory.generators.magic.gpp import GPPMismatchError
+    from anomaly_factory.generators.magic.pairs import generate_pairs
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "unet").mkdir(parents=True)
+    (ckpt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (ckpt / "checkpoint.json").write_text(json.dumps({"sigma": 0.0, "target": "anomaly_token"}))
+    cfg = FactoryConfig()
+    cfg.model.cache_dir = tmp_path / "models"
+    assert cfg.generate.gpp.sigma == 1.0
+    with pytest.raises(GPPMismatchError, match="sigma 1.0 at inference, 0.0 in training"):
+        generate_pairs(cfg, demo_manifest_path, "bar_demo", "spot", 1, tmp_path / "out", ckpt)

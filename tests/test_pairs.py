@@ -84,6 +84,11 @@ def test_pairs_outputs_and_resume(cfg, demo_manifest_path, workdir):
     assert (row["w_m"], row["w_d"], row["steps"], row["sigma"]) == (4.0, 7.5, 3, 1.0)
     assert row["mask_source"] == "folder" and row["checkpoint_hash"].startswith("base-")
     assert row["cama_status"] == "disabled"
+    # the reference mask and the GPP of the weights travel with every pair
+    fewshot = select(read_images(demo_manifest_path), CATEGORY, TYPE, "fewshot")
+    assert set(df["reference_mask_source"]) <= set(fewshot["mask_path"])
+    assert (df["train_gpp_target"] == "none").all() and df["train_sigma"].isna().all()
+    assert (df["gpp_target"] == "anomaly_token").all() and (df["latent_mask"] == "coverage").all()
     assert df["seed"].nunique() == 3
     for col in ("image_path", "mask_path", "normal_path"):
         for p in df[col]:

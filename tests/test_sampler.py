@@ -168,3 +168,138 @@ def test_paste_back_keeps_normal_region_exact(pipe, inputs):
     for b in range(2):
         far = S.feather_alpha(masks[b], 2) == 0
         np.testing.assert_allclose(out[b][far], images[b][far] / 255.0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- MGNI guard, schedules
+def _last_step(pipe, steps: int = 20):
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(1)
+    latents, eps = torch.randn(2, 1, 4, 8, 8, generator=g)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    return sched, sched.timesteps[-1], latents, eps, mask
+
+
+def test_large_eta_inside_no_longer_gives_nan(pipe):
+    """eta 1.5 at the last of 20 DDIM steps: the variance exceeds 1 - alpha_prev and the
+    stock update is NaN; MGNI clips eta to 0.99 x the critical eta instead."""
+    sched, t, latents, eps, mask = _last_step(pipe)
+    raw = sched.step(eps, t, latents, eta=1.5, variance_noise=torch.zeros_like(eps)).prev_sample
+    assert torch.isnan(raw).any()  # the failure MGNI used to hand on
+    opts = S.SamplerOptions(mgni=True, eta_inside=1.5)
+    out = S._ddim_step(sched, eps, t, latents, mask, opts, S.cpu_generators([3]))
+    assert torch.isfinite(out).all()
+    crit = S.critical_eta(sched, t)
+    clipped = S.SamplerOptions(mgni=True, eta_inside=0.99 * crit)
+    same = S._ddim_step(sched, eps, t, latents, mask, clipped, S.cpu_generators([3]))
+    torch.testing.assert_close(out, same)
+    zero = S.SamplerOptions(mgni=True, eta_inside=1.5, eta_guard="zero_before_neg")
+    plain = S.SamplerOptions(mgni=True, eta_inside=0.0)
+    torch.testing.assert_close(
+        S._ddim_step(sched, eps, t, latents, mask, zero, S.cpu_generators([3])),
+        S._ddim_step(sched, eps, t, latents, mask, plain, S.cpu_generators([3])),
+    )
+
+
+def test_large_eta_inside_images_are_finite(pipe, inputs):
+    images, masks, seeds = inputs
+    opts = S.SamplerOptions(steps=20, mgni=True, eta_inside=1.5)
+    out = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, opts)
+    assert np.isfinite(out).all()
+
+
+def test_critical_eta_zeroes_the_ddim_direction(pipe):
+    """At the critical eta, sqrt(1 - alpha_prev - std^2) is 0: every eta below is valid."""
+    sched = pipe.scheduler
+    sched.set_timesteps(20)
+    for t in sched.timesteps:
+        crit = S.critical_eta(sched, t)
+        prev = int(t) - 1000 // 20
+        a_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        std2 = crit**2 * float(sched._get_variance(int(t), prev))
+        assert crit >= 1.0 and std2 == pytest.approx(float(1 - a_prev), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "first", "middle", "last"),
+    [
+        ("constant", 2.0, 2.0, 2.0),
+        ("linear_down", 2.0, 1.25, 0.5),
+        ("linear_up", 0.5, 1.25, 2.0),
+        ("cosine_down", 2.0, 1.25, 0.5),
+        ("cosine_up", 0.5, 1.25, 2.0),
+        ("poly_down", 2.0, 0.875, 0.5),
+        ("exp_up", 0.5, 0.5 + 1.5 * (1 - np.exp(-1.5)), 0.5 + 1.5 * (1 - np.exp(-3))),
+        ("sigmoid_down", 0.5 + 1.5 * (2 / (1 + np.exp(-4)) - 1), 0.5, 0.5),
+    ],
+)
+def test_mgni_schedules_follow_the_official_shapes(schedule, first, middle, last):
+    opts = S.SamplerOptions(mgni=True, eta_inside=2.0, eta_inside_min=0.5, eta_schedule=schedule)
+    got = [S.mgni_eta(opts, i, 5) for i in (0, 2, 4)]
+    assert got == pytest.approx([first, middle, last])
+
+
+def test_mgni_stop_step_and_bad_names():
+    opts = S.SamplerOptions(mgni=True, eta_inside=1.0, eta_stop_step=3)
+    assert [S.mgni_eta(opts, i, 5) for i in range(5)] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="generate.mgni.schedule"):
+        S.mgni_eta(S.SamplerOptions(eta_schedule="zigzag"), 0, 5)
+    with pytest.raises(ValueError, match="generate.mgni.guard"):
+        S.guard_eta(5.0, 1.2, "ignore", 0.99)
+
+
+def test_mgni_config_is_bounded():
+    from anomaly_factory.config import ConfigError, load_config
+
+    for bad, match in (
+        ({"eta_inside": 3.5}, r"generate.mgni.eta_inside: 3.5 is not <= 3"),
+        ({"eta_inside": 1.0, "eta_inside_min": 2.0}, "eta_inside_min: 2.0 is not <= eta_inside"),
+        ({"eta_outside": 1.2}, r"generate.mgni.eta_outside: 1.2 is not <= 1"),
+        ({"schedule": "zigzag"}, "generate.mgni.schedule"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(overrides={"generate": {"mgni": bad}})
+    cfg = load_config(
+        overrides={"generate": {"mgni": {"enabled": True, "schedule": "cosine_down"}}}
+    )
+    opts = S.SamplerOptions.from_config(cfg.generate)
+    assert opts.mgni and opts.eta_schedule == "cosine_down" and opts.eta_guard == "clip_to_crit"
+
+
+# --------------------------------------------------------------------------- thin masks
+@pytest.mark.parametrize("width", [1, 4])
+def test_thin_lines_survive_coverage_and_vanish_with_nearest(width):
+    """A scratch thinner than a latent cell (8 px, as SD's VAE): nearest keeps nothing."""
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 10 : 10 + width, 5:60] = 1  # rows 10.. of the cell rows 8..15
+    nearest = S.latent_mask(mask, 8, "nearest")
+    coverage = S.latent_mask(mask, 8, "coverage")
+    assert nearest.sum() == 0
+    assert coverage[0, 0, 1].sum() == 8 and coverage.sum() == 8  # the one row of cells it crosses
+    assert torch.equal(nearest, torch.nn.functional.interpolate(mask, size=(8, 8)))
+    # a share threshold drops cells the line only grazes
+    assert S.latent_mask(mask, 8, "coverage", min_coverage=0.6).sum() == 0
+
+
+def test_coverage_mask_reaches_the_unet_and_sag(pipe, inputs, monkeypatch):
+    images, _, seeds = inputs
+    line = np.zeros((RES, RES), bool)
+    line[5:7, 2:30] = True  # 2 px, inside latent rows 4..7 (4 px per cell): nearest misses it
+    seen: dict[str, list[float]] = {}
+    real = S.spatially_adaptive_guidance
+
+    def spy(eps_u, eps_c, mask, w_in, w_d):
+        seen.setdefault(mode, []).append(float(mask.sum()))
+        return real(eps_u, eps_c, mask, w_in, w_d)
+
+    monkeypatch.setattr(S, "spatially_adaptive_guidance", spy)
+    for mode in ("nearest", "coverage"):
+        opts = S.SamplerOptions(steps=2, latent_mask=mode)
+        S.magic_inpaint(pipe, images[:1], [line], seeds[:1], PROMPT, opts)
+    assert seen["nearest"] == [0.0, 0.0]
+    assert seen["coverage"][0] > 0
+
+
+def test_config_default_latent_mask_is_coverage():
+    assert S.SamplerOptions.from_config(FactoryConfig().generate).latent_mask == "coverage"

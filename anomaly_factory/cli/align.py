@@ -3,7 +3,9 @@
 For ``--n`` seeded random ``train`` normal images it takes seeded random
 ``fewshot`` (image, mask) references of one anomaly type, aligns each mask onto
 its normal image (or leaves it in place with ``--no-cama``, for comparison) and
-writes the aligned masks plus ``alignments.parquet``.
+writes the aligned masks plus ``alignments.parquet``. It goes through the same
+:class:`~anomaly_factory.generators.magic.cama.CamaAligner` call as ``generate``,
+with the reference's own mask as both the keypoint source and the mask placed.
 """
 
 from __future__ import annotations
@@ -17,25 +19,22 @@ from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, ge
 
 
 def _load_rgb(path: str):
-    import numpy as np
-    from PIL import Image
+    from anomaly_factory.images import ImageReadError, read_rgb
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise fail(f"{path}: cannot read image: {exc}") from None
+        return read_rgb(path)
+    except ImageReadError as exc:
+        raise fail(str(exc)) from None
 
 
 def _load_mask(path: str):
-    import numpy as np
-    from PIL import Image
+    """A ground-truth mask: any non-zero value is defect (VisA labels, 3D-AD values)."""
+    from anomaly_factory.images import ImageReadError, read_mask
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
-    except OSError as exc:
-        raise fail(f"{path}: cannot read mask: {exc}") from None
+        return read_mask(path, source="dataset")
+    except ImageReadError as exc:
+        raise fail(str(exc)) from None
 
 
 def demo_foreground(row, seed: int):
@@ -120,7 +119,7 @@ def align(
             aligned = resize_mask(mask, normal.shape[:2])
             record = {"cama_status": "no_cama"}
         else:
-            aligned, record = aligner(mask, reference, normal, int(pair_seed))
+            aligned, record = aligner(mask, reference, normal, int(pair_seed), reference_mask=mask)
         fg = aligner.foreground(normal).mask
         mask_path = out / "masks" / f"{i:05d}.png"
         save_png(mask_path, aligned.astype(np.uint8) * 255)

@@ -32,6 +32,8 @@ ANOMALY_TYPES: dict[str, tuple[str, ...]] = {
     "bar_demo": ("crack", "spot"),
 }
 TEXTURES = ("carpet_demo", "tile_demo")
+MAX_REDRAWS = 20  # clipping to the object can empty a mask; redraw until it doesn't
+MIN_DEFECT_PIXELS = 4  # smaller defects are invisible at the demo's sizes
 
 
 # --------------------------------------------------------------------------- normals
@@ -104,6 +106,14 @@ NORMALS: dict[str, Callable[[int, Rng], tuple[Image, np.ndarray]]] = {
 
 
 # --------------------------------------------------------------------------- defects
+DefectMask = Callable[[np.ndarray, Rng], np.ndarray]  # (foreground, rng) -> bool mask
+
+
+def _scale(region: np.ndarray) -> int:
+    """The length defect sizes are relative to: the image's short side."""
+    return min(region.shape[:2])
+
+
 def _point_in(region: np.ndarray, rng: Rng, margin: int) -> tuple[int, int]:
     inner = cv2.erode(region.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)) > 0
     ys, xs = np.nonzero(inner if inner.any() else region)
@@ -111,32 +121,32 @@ def _point_in(region: np.ndarray, rng: Rng, margin: int) -> tuple[int, int]:
     return int(xs[i]), int(ys[i])
 
 
-def _line_mask(size: int, region: np.ndarray, rng: Rng, length: float, width: int) -> np.ndarray:
+def _line_mask(region: np.ndarray, rng: Rng, length: float, width: int) -> np.ndarray:
     x, y = _point_in(region, rng, 3)
     a = rng.uniform(0, np.pi)
     dx, dy = np.cos(a) * length / 2, np.sin(a) * length / 2
-    m = np.zeros((size, size), np.uint8)
+    m = np.zeros(region.shape, np.uint8)
     cv2.line(m, (round(x - dx), round(y - dy)), (round(x + dx), round(y + dy)), 1, width)
     return m > 0
 
 
-def _crack_mask(size: int, region: np.ndarray, rng: Rng) -> np.ndarray:
+def _crack_mask(region: np.ndarray, rng: Rng) -> np.ndarray:
     x, y = _point_in(region, rng, 3)
     pts = [(x, y)]
     a = rng.uniform(0, 2 * np.pi)
     for _ in range(4):
         a += rng.uniform(-0.8, 0.8)
-        step = size * 0.06
+        step = _scale(region) * 0.06
         x, y = x + step * np.cos(a), y + step * np.sin(a)
         pts.append((x, y))
-    m = np.zeros((size, size), np.uint8)
+    m = np.zeros(region.shape, np.uint8)
     cv2.polylines(m, [np.array(pts).round().astype(np.int32)], False, 1, 2)
     return m > 0
 
 
-def _blob_mask(size: int, region: np.ndarray, rng: Rng, radius: float) -> np.ndarray:
+def _blob_mask(region: np.ndarray, rng: Rng, radius: float) -> np.ndarray:
     x, y = _point_in(region, rng, int(radius // 2))
-    m = np.zeros((size, size), np.uint8)
+    m = np.zeros(region.shape, np.uint8)
     for _ in range(3):
         ox, oy = rng.normal(0, radius / 3, 2)
         axes = (
@@ -147,39 +157,69 @@ def _blob_mask(size: int, region: np.ndarray, rng: Rng, radius: float) -> np.nda
     return m > 0
 
 
-def _paint(
-    img: Image, mask: np.ndarray, color: tuple[int, int, int], rng: Rng, alpha: float
-) -> None:
+def _line(length: float) -> DefectMask:
+    return lambda fg, rng: _line_mask(fg, rng, _scale(fg) * length, 2)
+
+
+def _blob(radius: float) -> DefectMask:
+    return lambda fg, rng: _blob_mask(fg, rng, _scale(fg) * radius)
+
+
+# what each defect type looks like: how its mask is drawn (sizes relative to the image's
+# short side), its colour and its opacity
+DEFECTS: dict[str, tuple[DefectMask, tuple[int, int, int], float]] = {
+    "stain": (_blob(0.09), (60, 40, 30), 0.7),
+    "cut": (_line(0.25), (235, 235, 225), 0.85),
+    "scratch": (_line(0.25), (235, 235, 225), 0.85),
+    "crack": (_crack_mask, (20, 20, 20), 0.9),
+    "missing": (_blob(0.08), (90, 90, 95), 1.0),
+    "rust": (_blob(0.06), (140, 70, 20), 0.8),
+    "spot": (_blob(0.05), (40, 120, 200), 0.8),
+}
+
+
+def _check_type(category: str, anomaly_type: str) -> None:
+    if category not in NORMALS:
+        raise ValueError(f"unknown demo category {category!r}; known: {sorted(NORMALS)}")
+    if anomaly_type not in ANOMALY_TYPES[category]:
+        raise ValueError(
+            f"{category}: unknown anomaly type {anomaly_type!r}; known: {ANOMALY_TYPES[category]}"
+        )
+
+
+def defect_mask(category: str, anomaly_type: str, foreground: np.ndarray, rng: Rng) -> np.ndarray:
+    """A fresh defect mask (bool HxW) of a type, drawn on ``foreground`` and clipped to it.
+
+    The mask may come out empty when clipping removes it; callers redraw (see
+    ``render_category``). ``foreground`` is the object (all True for textures).
+
+    >>> fg = np.zeros((64, 64), bool); fg[16:48, 16:48] = True
+    >>> m = defect_mask("nut_demo", "rust", fg, np.random.default_rng(0))
+    >>> bool(m.any()), bool((m & ~fg).any())
+    (True, False)
+    """
+    _check_type(category, anomaly_type)
+    foreground = np.asarray(foreground, bool)
+    draw = DEFECTS[anomaly_type][0]
+    return draw(foreground, rng) & foreground  # defects stay on the object
+
+
+def paint_defect(
+    category: str, anomaly_type: str, image: Image, mask: np.ndarray, rng: Rng
+) -> Image:
+    """A copy of ``image`` (any HxWx3 uint8) with the true defect of a type painted on ``mask``.
+
+    Only the mask's pixels change: the demo's defects are pixel-exact, which is what
+    makes the demo an oracle for the gates.
+    """
+    _check_type(category, anomaly_type)
+    _, color, alpha = DEFECTS[anomaly_type]
+    mask = np.asarray(mask, bool)
+    out = np.array(image, np.uint8, copy=True)
     noise = rng.normal(0, 4, (int(mask.sum()), 3))
-    mixed = (1 - alpha) * img[mask].astype(np.float32) + alpha * np.array(color) + noise
-    img[mask] = np.clip(mixed, 0, 255).astype(np.uint8)
-
-
-def _defect(category: str, kind: str, img: Image, fg: np.ndarray, rng: Rng) -> np.ndarray:
-    size = img.shape[0]
-    if kind == "stain":
-        mask = _blob_mask(size, fg, rng, size * 0.09)
-        color, alpha = (60, 40, 30), 0.7
-    elif kind in ("cut", "scratch"):
-        mask = _line_mask(size, fg, rng, size * 0.25, 2)
-        color, alpha = (235, 235, 225), 0.85
-    elif kind == "crack":
-        mask = _crack_mask(size, fg, rng)
-        color, alpha = (20, 20, 20), 0.9
-    elif kind == "missing":
-        mask = _blob_mask(size, fg, rng, size * 0.08)
-        color, alpha = (90, 90, 95), 1.0
-    elif kind == "rust":
-        mask = _blob_mask(size, fg, rng, size * 0.06)
-        color, alpha = (140, 70, 20), 0.8
-    elif kind == "spot":
-        mask = _blob_mask(size, fg, rng, size * 0.05)
-        color, alpha = (40, 120, 200), 0.8
-    else:
-        raise ValueError(f"{category}: unknown anomaly type {kind!r}")
-    mask &= fg  # object defects stay on the object
-    _paint(img, mask, color, rng, alpha)
-    return mask
+    mixed = (1 - alpha) * out[mask].astype(np.float32) + alpha * np.array(color) + noise
+    out[mask] = np.clip(mixed, 0, 255).astype(np.uint8)
+    return out
 
 
 def render_category(
@@ -197,10 +237,10 @@ def render_category(
     img, fg = NORMALS[category](size, rng)
     if anomaly_type == "good":
         return img, np.zeros(fg.shape, bool)
-    for _ in range(20):  # clipping to the object can empty a mask; redraw until it doesn't
-        candidate = img.copy()
-        mask = _defect(category, anomaly_type, candidate, fg, rng)
-        if mask.sum() >= 4:
+    for _ in range(MAX_REDRAWS):
+        mask = defect_mask(category, anomaly_type, fg, rng)
+        candidate = paint_defect(category, anomaly_type, img, mask, rng)
+        if mask.sum() >= MIN_DEFECT_PIXELS:
             return candidate, mask
     raise RuntimeError(f"{category}/{anomaly_type}: could not place a defect")
 

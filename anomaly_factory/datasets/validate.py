@@ -117,7 +117,6 @@ def _check_xyz(path: str, width: int, height: int) -> list[Problem]:
 
 def load_mask(path: str) -> np.ndarray:
     """A mask as bool, whatever its encoding (0/255, VisA labels, 3D-AD values)."""
-    mask = read_image(path)
-    if mask.ndim == 3:
-        mask = mask.max(axis=2)
-    return mask != 0
+    from anomaly_factory.images import read_mask
+
+    return read_mask(path, source="dataset")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
+from anomaly_factory.images import read_mask, read_rgb, rgb_to_tensor
 from anomaly_factory.io import sha256_file
 from anomaly_factory.manifest import GOOD, select
 
@@ -39,24 +39,15 @@ class Sample:
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """An image as float CxHxW in [0, 1], resized to size x size."""
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (FileNotFoundError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read image: {exc}") from exc
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+    return rgb_to_tensor(read_rgb(path, size, "bilinear"), (0.0, 1.0))
 
 
 def load_mask(path: str | Path | None, size: int) -> torch.Tensor:
     """A mask as float 1xHxW in {0, 1} (> 0 is defect); None gives an empty mask."""
     if path is None or (isinstance(path, float) and np.isnan(path)):
         return torch.zeros(1, size, size)
-    try:
-        with Image.open(path) as im:
-            mask = im.convert("L").resize((size, size), Image.NEAREST)
-    except (FileNotFoundError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read mask: {exc}") from exc
-    return torch.from_numpy((np.array(mask) > 0).astype(np.float32))[None]
+    # dataset ground truth and the 0/255 pair masks alike: any non-zero value is defect
+    return torch.from_numpy(read_mask(path, size, source="dataset").astype(np.float32))[None]
 
 
 def _samples(rows: pd.DataFrame) -> list[Sample]:

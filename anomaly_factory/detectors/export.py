@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from anomaly_factory.detectors.data import assert_disjoint, assert_split_integrity
+from anomaly_factory.images import read_mask, read_rgb
 from anomaly_factory.io import save_png
 from anomaly_factory.manifest import GOOD, select, write_parquet
 
@@ -74,14 +74,11 @@ def _copy_image(src: str, dst_stem: Path) -> Path:
         dst = dst_stem.with_suffix(suffix)
         shutil.copyfile(src, dst)
         return dst
-    with Image.open(src) as im:
-        return save_png(dst_stem.with_suffix(".png"), np.asarray(im.convert("RGB")))
+    return save_png(dst_stem.with_suffix(".png"), read_rgb(src))
 
 
 def _write_mask(src: str, dst: Path) -> Path:
-    with Image.open(src) as im:
-        mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8) * 255
-    return save_png(dst, mask)
+    return save_png(dst, read_mask(src, source="dataset").astype(np.uint8) * 255)
 
 
 def _export_rows(rows: pd.DataFrame, image_dir: Path, mask_dir: Path, part: str) -> list[dict]:

@@ -20,8 +20,13 @@ ALL_TYPES = "*"  # reason key of a failure that no single type explains
 
 @dataclass
 class TypeGate:
+    """One type's decision; ``values`` are its measured numbers (the type table's row)
+    and ``pairs`` its pair-check counts (candidates, failed per check, published)."""
+
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    pairs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -33,6 +38,8 @@ class GateResult:
     checks: list[dict[str, Any]] = field(default_factory=list)
     data_docs: str | None = None
     out_dir: str | None = None
+    gates: list[dict[str, Any]] = field(default_factory=list)  # gates.catalogue: on/off, why
+    on_pair_failure: str = "fail"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,13 +1,19 @@
 """great-expectations suites over a pairs manifest, its files and its metrics.
 
-Two tables are validated, each by one Checkpoint that also renders Data Docs
+Three tables are validated, each by one Checkpoint that also renders Data Docs
 into the version's reports folder:
 
 * **pairs** (one row per pair): unique keys; each file exists and decodes;
   image, mask and normal sizes agree; the mask is non-empty with an area
   fraction inside ``gates.mask_area_min/max``; the metadata is complete.
+* **pair_checks** (one row per pair, ``gates/pair_checks.py``): the pixels were
+  readable, and every enabled pixel check reaches its ``gates.pair_checks``
+  threshold (background kept, anomaly present, mask on the object, no
+  memorisation, no near-duplicate).
 * **types** (one row per expected anomaly type): the exact pair count; KID and
-  IC-LPIPS are finite; ``gates.kid_max`` and ``gates.ic_lpips_min`` hold.
+  IC-LPIPS are finite; the defect regions' KID is not above each reference set's
+  (within the tie band of ``gates.type_gates.kid_tie_se``); IC-LPIPS reaches its floor; ``gates.kid_max`` and
+  ``gates.ic_lpips_min`` hold where the weights make them comparable.
 
 Every expectation carries ``meta.check`` (a stable name) and results are read
 back per anomaly type through ``unexpected_index_list``, so one bad type does
@@ -110,22 +116,63 @@ def pair_table(pairs: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def type_table(type_ids: list[str], pairs: pd.DataFrame, metrics: dict[str, Any]) -> pd.DataFrame:
-    """One row per expected type: pair count and its metrics (None when not finite)."""
+TYPE_COLUMNS = [
+    "type_id",
+    "n_pairs",
+    "kid_x1e3",
+    "ic_lpips",
+    "kid_region_x1e3",
+    "kid_normals_x1e3",
+    "kid_cutpaste_x1e3",
+    "kid_normals_bound_x1e3",
+    "kid_cutpaste_bound_x1e3",
+    "ic_lpips_real",
+    "ic_lpips_floor",
+]
+
+
+def type_table(
+    type_ids: list[str],
+    pairs: pd.DataFrame,
+    metrics: dict[str, Any],
+    ic_lpips_ratio_min: float | None = None,
+) -> pd.DataFrame:
+    """One row per expected type: pair count and its metrics (None when not finite).
+
+    ``kid_<ref>_bound_x1e3`` is the reference's KID plus the tie band
+    (``type_gates.kid_tie_se`` standard errors); ``ic_lpips_floor`` is
+    ``ic_lpips_ratio_min`` times the real test anomalies' own IC-LPIPS
+    (``ic_lpips_real``); each is null when unknown.
+    """
     counts = pairs["type_id"].value_counts() if len(pairs) else pd.Series(dtype=int)
     kid = metrics.get("kid", {}).get("per_type", {})
     lp = metrics.get("ic_lpips", {}).get("per_type", {})
-    rows = [
-        {
-            "type_id": t,
-            "n_pairs": int(counts.get(t, 0)),
-            "kid_x1e3": (kid.get(t) or {}).get("kid_x1e3"),
-            "ic_lpips": (lp.get(t) or {}).get("score"),
-        }
-        for t in type_ids
-    ]
-    df = pd.DataFrame(rows, columns=["type_id", "n_pairs", "kid_x1e3", "ic_lpips"])
-    for col in ("kid_x1e3", "ic_lpips"):
+    region = metrics.get("kid_region", {}).get("per_type", {})
+    rows = []
+    for t in type_ids:
+        reg = region.get(t) or {}
+        real = (lp.get(t) or {}).get("real_score")
+        rows.append(
+            {
+                "type_id": t,
+                "n_pairs": int(counts.get(t, 0)),
+                "kid_x1e3": (kid.get(t) or {}).get("kid_x1e3"),
+                "ic_lpips": (lp.get(t) or {}).get("score"),
+                "kid_region_x1e3": (reg.get("generated") or {}).get("kid_x1e3"),
+                "kid_normals_x1e3": (reg.get("normals") or {}).get("kid_x1e3"),
+                "kid_cutpaste_x1e3": (reg.get("cutpaste") or {}).get("kid_x1e3"),
+                "kid_normals_bound_x1e3": (reg.get("normals") or {}).get("bound_x1e3"),
+                "kid_cutpaste_bound_x1e3": (reg.get("cutpaste") or {}).get("bound_x1e3"),
+                "ic_lpips_real": real,
+                "ic_lpips_floor": (
+                    ic_lpips_ratio_min * real
+                    if ic_lpips_ratio_min is not None and real is not None
+                    else None
+                ),
+            }
+        )
+    df = pd.DataFrame(rows, columns=TYPE_COLUMNS)
+    for col in TYPE_COLUMNS[2:]:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df
 
@@ -173,9 +220,41 @@ def pair_expectations(gates: GatesSection) -> list[Any]:
     return exps
 
 
-def type_expectations(gates: GatesSection, expected_per_type: int) -> list[Any]:
+def pair_check_expectations(gates: GatesSection) -> list[Any]:
+    """One expectation per enabled pixel check on the ``pair_checks`` table."""
     import great_expectations.expectations as gxe
 
+    from anomaly_factory.gates import pair_checks as pc
+
+    exps: list[Any] = [
+        gxe.ExpectColumnValuesToBeInSet(
+            column="status", value_set=[pc.OK], meta={"check": pc.READABLE_CHECK}
+        )
+    ]
+    exps += [
+        gxe.ExpectColumnValuesToBeBetween(
+            column=b.column, min_value=b.min_value, meta={"check": b.check}
+        )
+        for b in pc.pair_bounds(gates.pair_checks)
+        if b.enabled
+    ]
+    if gates.pair_checks.duplicate_iou_min is not None:
+        exps.append(
+            gxe.ExpectColumnValuesToBeNull(
+                column="duplicate_of", meta={"check": pc.DUPLICATE_CHECK}
+            )
+        )
+    return exps
+
+
+def type_expectations(
+    gates: GatesSection, expected_per_type: int, absolute_off: dict[str, str | None] | None = None
+) -> list[Any]:
+    """Type-level expectations; ``absolute_off`` says which absolute thresholds are off
+    and why (``type_gates.absolute_gates_apply``); None applies them as configured."""
+    import great_expectations.expectations as gxe
+
+    off = absolute_off or {}
     exps: list[Any] = [
         gxe.ExpectColumnValuesToBeBetween(
             column="n_pairs",
@@ -186,13 +265,39 @@ def type_expectations(gates: GatesSection, expected_per_type: int) -> list[Any]:
         gxe.ExpectColumnValuesToNotBeNull(column="kid_x1e3", meta={"check": "kid_finite"}),
         gxe.ExpectColumnValuesToNotBeNull(column="ic_lpips", meta={"check": "ic_lpips_finite"}),
     ]
-    if gates.kid_max is not None:
+    if gates.type_gates.kid_references:
+        exps.append(
+            gxe.ExpectColumnValuesToNotBeNull(
+                column="kid_region_x1e3", meta={"check": "kid_region_finite"}
+            )
+        )
+    exps += [
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A=f"kid_{ref}_bound_x1e3",
+            column_B="kid_region_x1e3",
+            or_equal=False,
+            ignore_row_if="either_value_is_missing",  # undefined KID is kid_region_finite's
+            meta={"check": f"kid_vs_{ref}"},
+        )
+        for ref in gates.type_gates.kid_references
+    ]
+    if gates.type_gates.ic_lpips_ratio_min is not None:
+        exps.append(
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A="ic_lpips",
+                column_B="ic_lpips_floor",
+                or_equal=True,
+                ignore_row_if="either_value_is_missing",
+                meta={"check": "ic_lpips_vs_real"},
+            )
+        )
+    if gates.kid_max is not None and not off.get("kid_max"):
         exps.append(
             gxe.ExpectColumnValuesToBeBetween(
                 column="kid_x1e3", max_value=gates.kid_max, meta={"check": "kid_max"}
             )
         )
-    if gates.ic_lpips_min is not None:
+    if gates.ic_lpips_min is not None and not off.get("ic_lpips_min"):
         exps.append(
             gxe.ExpectColumnValuesToBeBetween(
                 column="ic_lpips", min_value=gates.ic_lpips_min, meta={"check": "ic_lpips_min"}
@@ -287,8 +392,13 @@ def run_expectations(
     expected_per_type: int,
     out_dir: Path,
     context: Any | None = None,
+    pair_checks: pd.DataFrame | None = None,
+    absolute_off: dict[str, str | None] | None = None,
 ) -> ExpectationReport:
-    """Validate both tables as Checkpoints; Data Docs go to ``out_dir/data_docs``."""
+    """Validate the tables as Checkpoints; Data Docs go to ``out_dir/data_docs``.
+
+    ``pair_checks`` (from ``gates.pair_checks``) is validated when given.
+    """
     ctx = context if context is not None else new_context()
     docs_dir = Path(out_dir) / DOCS_DIR
     site = _add_docs_site(ctx, docs_dir)
@@ -297,8 +407,19 @@ def run_expectations(
         ctx, "pairs", pairs, pair_expectations(gates), ["key", "type_id"], site
     )
     checks += _attribute(pair_result, "pairs")
+    if pair_checks is not None:
+        table = pair_checks.drop(columns=["reasons", "passed"], errors="ignore")
+        result = _run_checkpoint(
+            ctx, "pair_checks", table, pair_check_expectations(gates), ["key", "type_id"], site
+        )
+        checks += _attribute(result, "pair_checks")
     type_result = _run_checkpoint(
-        ctx, "types", types, type_expectations(gates, expected_per_type), ["type_id"], site
+        ctx,
+        "types",
+        types,
+        type_expectations(gates, expected_per_type, absolute_off),
+        ["type_id"],
+        site,
     )
     checks += _attribute(type_result, "types")
     index = docs_dir / "index.html"

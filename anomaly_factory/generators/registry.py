@@ -31,6 +31,7 @@ GENERATORS: dict[str, str] = {
     "anomalycontrol": "anomaly_factory.generators.anomalycontrol.pairs:generate_pairs",
     "perlin": "anomaly_factory.generators.baselines.perlin:generate_pairs",
     "cutpaste": "anomaly_factory.generators.baselines.cutpaste:generate_pairs",
+    "oracle": "anomaly_factory.generators.oracle:generate_pairs",  # demo datasets only
 }
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from anomaly_factory.images import read_rgb
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name holds the hash prefix
 INCEPTION_URL = (
@@ -91,8 +93,8 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """An image as uint8 HxWx3 at its own size (:func:`anomaly_factory.images.read_rgb`)."""
+    return read_rgb(path)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -1,7 +1,9 @@
 """One self-contained HTML page per generated version (viewable offline).
 
-It shows the gate outcome, the metric table with the provenance of every number
-(feature extractor and weights hash), a sample grid per anomaly type
+It shows the gate outcome; which gates ran (threshold, what measured them) and
+which were off and why; the metric table with the provenance of every number
+(feature extractor and weights hash); the pixel checks per type with the worst
+failing pairs as images and their reasons; a sample grid per anomaly type
 (normal | mask overlay | generated; thumbnails embedded as data URIs), links to
 the great-expectations Data Docs, and, when the detector stage has written
 ``detector_metrics.json`` / ``comparison.json`` next to it, a downstream table.
@@ -34,7 +36,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 background:#f6f7f9}
 h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:2px solid #d9dde3;padding-bottom:4px}
 .badge{display:inline-block;padding:4px 12px;border-radius:12px;color:#fff;font-weight:600}
-.pass{background:#1e8e3e}.fail{background:#c5221f}
+.pass{background:#1e8e3e}.fail{background:#c5221f}.off{background:#80868b}
 table{border-collapse:collapse;background:#fff;margin:8px 0}
 td,th{border:1px solid #d9dde3;padding:4px 8px;text-align:left;font-size:14px;vertical-align:top}
 th{background:#eceff3}.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -84,8 +86,8 @@ def _open(path: Any, mode: str) -> np.ndarray | None:
         return None
 
 
-def _sample_cell(row: pd.Series) -> str:
-    image, normal, mask = _open(row["image_path"], "RGB"), _open(row["normal_path"], "RGB"), None
+def _sample_cell(row: pd.Series, reasons: str | None = None) -> str:
+    image, normal = _open(row["image_path"], "RGB"), _open(row["normal_path"], "RGB")
     mask = _open(row["mask_path"], "L")
     parts = []
     for label, arr in (
@@ -100,9 +102,10 @@ def _sample_cell(row: pd.Series) -> str:
             parts.append(f'<span class="reasons">{label}: unreadable</span>')
         else:
             parts.append(f'<img alt="{label}" title="{label}" src="{data_uri(arr)}">')
+    why = "".join(f"<div class='reasons'>{_e(r)}</div>" for r in (reasons or "").split("; ") if r)
     return (
         f'<div class="sample">{"".join(parts)}'
-        f'<div class="caption mono">{_e(row["key"])} · seed {_e(row.get("seed"))}</div></div>'
+        f'<div class="caption mono">{_e(row["key"])} · seed {_e(row.get("seed"))}</div>{why}</div>'
     )
 
 
@@ -119,20 +122,114 @@ def _samples_section(pairs: pd.DataFrame, types: list[str], n_samples: int) -> s
     return "\n".join(out)
 
 
+def _gates_section(gates: dict[str, Any]) -> str:
+    """Which gates ran, with their thresholds and what measured them; which were off, why."""
+    entries = gates.get("gates") or []
+    if not entries:
+        return ""
+    rows = []
+    for e in entries:
+        state = (
+            '<span class="badge pass">on</span>'
+            if e.get("on")
+            else '<span class="badge off">off</span>'
+        )
+        rows.append(
+            f"<tr><td class='mono'>{_e(e.get('gate'))}</td><td>{_e(e.get('level'))}</td>"
+            f"<td>{state}</td><td class='mono'>{_e(e.get('threshold'))}</td>"
+            f"<td>{_e(e.get('measured_with'))}</td><td>{_e(e.get('why_off') or '')}</td></tr>"
+        )
+    mode = gates.get("on_pair_failure", "fail")
+    note = (
+        "failing pairs are dropped; each type publishes its first passing pairs"
+        if mode == "drop"
+        else "a failing pair fails its type"
+    )
+    return (
+        f"<h2>Gates</h2><p>on_pair_failure: <b>{_e(mode)}</b> ({_e(note)})</p><table>"
+        "<tr><th>gate</th><th>level</th><th>state</th><th>threshold</th><th>measured with</th>"
+        f"<th>why off</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _pair_checks_section(
+    checks: pd.DataFrame | None, pairs: pd.DataFrame, types: list[str], n_samples: int
+) -> str:
+    """Per type: pixel-check counts, then the worst failing pairs with their reasons."""
+    if checks is None:
+        return ""
+    from anomaly_factory.gates.pair_checks import CHECK_NAMES, failure_counts
+
+    head = "".join(f"<th class='mono'>{_e(c)}</th>" for c in CHECK_NAMES)
+    rows, worst = [], []
+    by_key = {row["key"]: row for _, row in pairs.iterrows()}
+    for tid in types:
+        mine = checks[checks["type_id"] == tid]
+        counts = failure_counts(mine)
+        cells = "".join(
+            f"<td class='num{' reasons' if counts[c] else ''}'>{counts[c]}</td>"
+            for c in CHECK_NAMES
+        )
+        published = int(mine["published"].sum()) if "published" in mine else len(mine)
+        rows.append(
+            f"<tr><td>{_e(tid)}</td><td class='num'>{len(mine)}</td>"
+            f"<td class='num'>{int(mine['passed'].sum())}</td><td class='num'>{published}</td>"
+            f"<td class='num'>{_fmt(mine['bg_psnr'].median(), 1)}</td>{cells}</tr>"
+        )
+        failing = mine[~mine["passed"]].copy()
+        if failing.empty:
+            continue
+        failing["n_reasons"] = failing["reasons"].str.count("; ") + 1
+        failing = failing.sort_values(
+            ["n_reasons", "bg_psnr", "key"], ascending=[False, True, True]
+        )
+        cells_html = [
+            _sample_cell(by_key[r.key], r.reasons)
+            for r in failing.head(n_samples).itertuples(index=False)
+            if r.key in by_key
+        ]
+        worst.append(
+            f"<h3>{_e(tid)} <span class='caption'>{len(failing)} failing, worst first</span></h3>"
+            f"<div class='grid'>{''.join(cells_html)}</div>"
+        )
+    table = (
+        "<table><tr><th>type</th><th>candidates</th><th>pass</th><th>published</th>"
+        f"<th>median PSNR out</th>{head}</tr>{''.join(rows)}</table>"
+    )
+    return (
+        "<h2>Pixel checks <span class='caption'>(failures per check)</span></h2>"
+        + table
+        + (
+            "<h2>Worst failing pairs <span class='caption'>(normal | mask overlay | generated)"
+            "</span></h2>" + "".join(worst)
+            if worst
+            else ""
+        )
+    )
+
+
 def _metrics_section(
     metrics: dict[str, Any], gates: dict[str, Any], n_pairs: dict[str, int]
 ) -> str:
     kid, lp = metrics.get("kid", {}), metrics.get("ic_lpips", {})
+    region = metrics.get("kid_region", {}).get("per_type", {})
     prov, lprov = kid.get("provenance", {}), lp.get("provenance", {})
     head = (
         "<tr><th>type</th><th>pairs</th><th>KID×10³</th><th>± std</th><th>KID subset</th>"
-        "<th>IC-LPIPS</th><th>clusters</th><th>gate</th><th>reasons / notes</th></tr>"
+        "<th>region KID×10³ gen / normals / cutpaste</th>"
+        "<th>IC-LPIPS</th><th>floor</th><th>clusters</th><th>gate</th><th>reasons / notes</th></tr>"
     )
     rows = []
     for tid in metrics.get("types", []):
         k = kid.get("per_type", {}).get(tid, {})
         li = lp.get("per_type", {}).get(tid, {})
+        reg = region.get(tid, {})
         g = gates.get("types", {}).get(tid, {"passed": False, "reasons": []})
+        floor = (g.get("values") or {}).get("ic_lpips_floor")
+        region_cell = " / ".join(
+            _fmt((reg.get(n) or {}).get("kid_x1e3"), 2)
+            for n in ("generated", "normals", "cutpaste")
+        )
         badge = (
             '<span class="badge pass">pass</span>'
             if g["passed"]
@@ -144,7 +241,8 @@ def _metrics_section(
             f"<td class='num'>{_fmt(k.get('kid_x1e3'), 2)}</td>"
             f"<td class='num'>{_fmt(k.get('kid_std_x1e3'), 2)}</td>"
             f"<td class='num'>{_fmt(k.get('subset_size'))}×{_fmt(k.get('subsets'))}</td>"
-            f"<td class='num'>{_fmt(li.get('score'))}</td>"
+            f"<td class='num'>{region_cell}</td>"
+            f"<td class='num'>{_fmt(li.get('score'))}</td><td class='num'>{_fmt(floor)}</td>"
             f"<td class='mono'>{_e(sizes)}</td><td>{badge}</td>"
             f"<td><div class='reasons'>{'<br>'.join(_e(r) for r in g['reasons'])}</div>"
             f"<div class='caption'>{_e(k.get('note') or '')} {_e(li.get('note') or '')}</div>"
@@ -152,7 +250,8 @@ def _metrics_section(
         )
     rows.append(
         f"<tr><th>mean over types</th><td></td><th class='num'>{_fmt(kid.get('mean_x1e3'), 2)}</th>"
-        f"<td></td><td></td><th class='num'>{_fmt(lp.get('mean'))}</th><td></td><td></td><td></td></tr>"
+        f"<td></td><td></td><td></td><th class='num'>{_fmt(lp.get('mean'))}</th><td></td><td></td>"
+        "<td></td><td></td></tr>"
     )
     provenance = (
         "<table>"
@@ -229,8 +328,10 @@ def render_report(
     pairs: pd.DataFrame,
     n_samples: int = 4,
     title: str | None = None,
+    checks: pd.DataFrame | None = None,
 ) -> Path:
-    """Write ``out_dir/report.html`` from the metrics, the gate result and the pair table."""
+    """Write ``out_dir/report.html`` from the metrics, the gate result, the pair table and
+    (when given) the pixel checks of every pair (``pair_checks.parquet``)."""
     out_dir = Path(out_dir)
     g = gates.as_dict() if hasattr(gates, "as_dict") else dict(gates)
     types = list(metrics.get("types", []))
@@ -243,7 +344,9 @@ def render_report(
     )
     docs = _relative(g.get("data_docs"), out_dir)
     links = [f"<a href='{_e(docs)}'>great-expectations Data Docs</a>"] if docs else []
-    links += [f"<a href='{n}'>{n}</a>" for n in ("metrics.json", "gates.json")]
+    links += [
+        f"<a href='{n}'>{n}</a>" for n in ("metrics.json", "gates.json", "pair_checks.parquet")
+    ]
     n_failed = sum(1 for t in g.get("types", {}).values() if not t["passed"])
     version_reasons = "".join(f"<li>{_e(r)}</li>" for r in g.get("version_reasons", []))
     inputs = metrics.get("inputs", {})
@@ -255,7 +358,9 @@ def render_report(
         f"<p class='caption mono'>pairs {_e(inputs.get('pairs'))} · manifest "
         f"{_e(inputs.get('manifest'))}</p>",
         f"<ul class='reasons'>{version_reasons}</ul>" if version_reasons else "",
+        _gates_section(g),
         _metrics_section(metrics, g, n_pairs),
+        _pair_checks_section(checks, pairs, types, n_samples),
         _downstream_section(out_dir),
         _samples_section(pairs, types, n_samples),
     ]

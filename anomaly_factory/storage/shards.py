@@ -267,6 +267,20 @@ def verify_version(version_dir: Path) -> dict[str, Any]:
     return index
 
 
+def published_pairs(cfg: Any, pairs: pd.DataFrame, reports_dir: Path) -> pd.DataFrame:
+    """The pairs to shard: all of them, or with ``gates.on_pair_failure: drop`` only those
+    the gates chose (``pair_checks.parquet`` in the reports folder)."""
+    from anomaly_factory.gates.publication import DROP, PublicationError, published_keys
+
+    if cfg.gates.on_pair_failure != DROP:
+        return pairs
+    try:
+        keep = published_keys(reports_dir)
+    except PublicationError as exc:
+        raise ShardError(str(exc)) from None
+    return pairs[pairs["key"].isin(keep)].reset_index(drop=True)
+
+
 def write_shards(
     cfg: Any,
     pairs_path: Path | str | Iterable[Path | str],
@@ -279,7 +293,8 @@ def write_shards(
 
     ``pairs_path`` / ``manifest_path`` are files or folders (a folder means every
     ``pairs.parquet`` / ``*.parquet`` below it); ``reports_dir`` defaults to
-    ``gates.out_dir/<version>``. The card is written last and removed
+    ``gates.out_dir/<version>``. With ``gates.on_pair_failure: drop`` only the pairs the
+    gates published go in. The card is written last and removed
     first, so a half-written version has no card and counts as absent.
     """
     from anomaly_factory.storage.card import CARD_JSON, build_card, read_reports, write_card
@@ -291,7 +306,7 @@ def write_shards(
     if reports_dir is None:
         reports_dir = Path(cfg.gates.out_dir) / version
     reports = read_reports(reports_dir)  # read before writing: a bad report fails early
-    pairs = read_pair_sets(pairs_paths)
+    pairs = published_pairs(cfg, read_pair_sets(pairs_paths), reports_dir)
     (version_dir / CARD_JSON).unlink(missing_ok=True)
     index_path = write_version_shards(
         pairs,

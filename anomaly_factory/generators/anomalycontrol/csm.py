@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from anomaly_factory import images as image_io
 from anomaly_factory.config import Blip2Section
 
 TINY = "tiny"
@@ -338,18 +339,10 @@ def load_references(
 
 
 def read_rgb(path: Path, size: int) -> np.ndarray:
-    try:
-        img = Image.open(path).convert("RGB")
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: cannot read image: {exc}") from exc
-    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
+    """The reference image at ``size`` px, bicubic as the diffusion models' input."""
+    return image_io.read_rgb(path, size, "bicubic")
 
 
 def read_binary_mask(path: Path, size: int) -> np.ndarray:
-    """0/255 uint8 mask; any non-zero value is defect (VisA stores labels)."""
-    try:
-        m = Image.open(path).convert("L")
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: cannot read mask: {exc}") from exc
-    arr = np.asarray(m.resize((size, size), Image.Resampling.NEAREST))
-    return ((arr > 0) * 255).astype(np.uint8)
+    """0/255 uint8 mask of a dataset's ground truth; any non-zero value is defect."""
+    return image_io.read_mask(path, size, source="dataset").astype(np.uint8) * 255

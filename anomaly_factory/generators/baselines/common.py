@@ -7,10 +7,8 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.generators.output import (
@@ -20,6 +18,7 @@ from anomaly_factory.generators.output import (
     save_pair,
     write_pairs_manifest,
 )
+from anomaly_factory.images import read_rgb
 from anomaly_factory.manifest import GOOD, read_images, select
 
 # (normal uint8 HxWx3, per-pair rng, pair seed) -> (anomalous image, bool mask)
@@ -35,14 +34,7 @@ def pair_seed(generator: str, seed: int, key: str) -> int:
 
 def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     """An image as uint8 HxWx3, optionally resized to size x size (area interpolation)."""
-    try:
-        with Image.open(path) as im:
-            img = np.asarray(im.convert("RGB"))
-    except (FileNotFoundError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read image: {exc}") from exc
-    if size is not None and img.shape[:2] != (size, size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return img
+    return read_rgb(path, size, "area")
 
 
 def train_normals(manifest: pd.DataFrame, category: str, where: str) -> pd.DataFrame:

@@ -1,15 +1,23 @@
 """Context-aware mask alignment, CAMA (MAGIC §3.4).
 
-A reference anomaly mask comes from a ``fewshot`` image; CAMA moves it to a
-plausible place on the chosen normal image. Per connected component:
+A reference is a ``fewshot`` image with its own ground-truth defect mask; CAMA
+moves a mask to a plausible place on the chosen normal image. Per connected
+component of the reference's mask:
 
-1. keypoints: the centroid, the top point and the bottom point;
+1. keypoints: the centroid, the top point and the bottom point, read where the
+   reference really shows its defect;
 2. the top and bottom points are matched into the normal image by the argmax of
    cosine similarity between dense features (:mod:`.correspondence`);
 3. the line between the two matches, intersected with the foreground
    (:mod:`.foreground`), gives the candidate centres;
 4. the candidate whose feature is most similar to the centroid's wins;
-5. the component is translated so its centroid lands there.
+5. the component placed is translated so its centroid lands there.
+
+The component placed is the reference's own (``align``) or one of a new mask from
+the mask generator (``generate``), paired largest to largest, as the official
+code moves its generated masks to the matches of a reference defect; both go
+through :meth:`CamaAligner.__call__`, and candidate centres are those where the
+placed component fits the foreground.
 
 Matching *fails* when a keypoint's best similarity, or the best candidate's, is
 under ``cama.min_similarity``, or when no candidate centre on the line keeps at
@@ -41,7 +49,12 @@ from anomaly_factory.generators.magic.correspondence import (
     best_match,
     load_extractor,
 )
-from anomaly_factory.generators.magic.foreground import Foreground, iou, object_foreground
+from anomaly_factory.generators.magic.foreground import (
+    Foreground,
+    SegmenterOptions,
+    iou,
+    object_foreground,
+)
 
 INPAINT_RADIUS = 3  # px: OpenCV's usual neighbourhood for Telea inpainting
 
@@ -135,6 +148,13 @@ def remove_defect(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """
     grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8))
     return cv2.inpaint(image, grown, INPAINT_RADIUS, cv2.INPAINT_TELEA)
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected components (8-connectivity) of a mask, largest first (ties: label order)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    order = sorted(range(1, n), key=lambda i: (-int(stats[i, cv2.CC_STAT_AREA]), i))
+    return [labels == i for i in order]
 
 
 # --------------------------------------------------------------------------- one component
@@ -234,14 +254,18 @@ class CamaAligner:
 
     # ---------------------------------------------------------------- checks
     @staticmethod
-    def _check(mask: np.ndarray, reference: np.ndarray, normal: np.ndarray) -> None:
+    def _check(
+        mask: np.ndarray, reference: np.ndarray, normal: np.ndarray, reference_mask: np.ndarray
+    ) -> None:
         for name, img in (("reference_image", reference), ("normal_image", normal)):
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
                 raise ValueError(f"cama: {name} must be HxWx3 uint8, got {img.dtype} {img.shape}")
-        if mask.shape != reference.shape[:2]:
-            raise ValueError(
-                f"cama: mask shape {mask.shape} differs from reference image {reference.shape[:2]}"
-            )
+        for name, m in (("mask", mask), ("reference_mask", reference_mask)):
+            if m.shape != reference.shape[:2]:
+                raise ValueError(
+                    f"cama: {name} shape {m.shape} differs from reference image "
+                    f"{reference.shape[:2]}"
+                )
 
     def foreground(self, normal: np.ndarray) -> Foreground:
         """The normal image's foreground (step 1), with its status."""
@@ -255,6 +279,7 @@ class CamaAligner:
             resolution=s.foreground_resolution,
             model=s.foreground_model,
             device=self.device,
+            segmenter=SegmenterOptions.from_section(s),
         )
 
     def features(self, reference: np.ndarray, normal: np.ndarray) -> tuple[FeatureMap, FeatureMap]:
@@ -266,10 +291,28 @@ class CamaAligner:
 
     # ---------------------------------------------------------------- call
     def __call__(
-        self, mask: np.ndarray, reference_image: np.ndarray, normal_image: np.ndarray, seed: int
+        self,
+        mask: np.ndarray,
+        reference_image: np.ndarray,
+        normal_image: np.ndarray,
+        seed: int,
+        reference_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict]:
+        """Place ``mask``'s components on ``normal_image``; the one path of ``align`` and ``generate``.
+
+        ``reference_mask`` is the reference image's own ground-truth defect mask:
+        the keypoints (step 1) are read from its components, where the reference
+        really shows a defect. ``mask`` is what gets placed: the same mask (the
+        ``align`` command, the default when ``reference_mask`` is None) or a new
+        mask from the mask generator (``generate``). Both are in the reference
+        image's pixel frame. Generated components are paired with reference
+        components largest to largest; a surplus generated component reuses the
+        reference components in turn and may not overlap one already placed.
+        """
         mask = np.asarray(mask).astype(bool)
-        self._check(mask, reference_image, normal_image)
+        own = reference_mask is None
+        reference_mask = mask if own else np.asarray(reference_mask).astype(bool)
+        self._check(mask, reference_image, normal_image, reference_mask)
         size = normal_image.shape[:2]
         resized = reference_image.shape[:2] != size
         if resized:  # one frame: the normal image's; a stretch maps coordinates exactly
@@ -277,10 +320,13 @@ class CamaAligner:
                 reference_image, (size[1], size[0]), interpolation=cv2.INTER_AREA
             )
             mask = resize_mask(mask, size)
-        n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+            reference_mask = mask if own else resize_mask(reference_mask, size)
+        components = _components(mask)
+        references = components if own else _components(reference_mask)
         record: dict = {
             "cama_status": "",
-            "cama_n_components": int(n - 1),
+            "cama_n_components": len(components),
+            "cama_n_reference_components": len(references),
             "cama_n_matched": 0,
             "cama_n_fallback": 0,
             "cama_fallback_reason": "",
@@ -310,21 +356,30 @@ class CamaAligner:
         if not fg.usable and not self.outside:
             record["cama_status"] = "bad_foreground"
             return mask, record
-        if n <= 1:
+        if not components:
             record["cama_status"] = "empty_mask"
             return mask, record
 
         region = np.ones(size, bool) if self.outside else fg.mask
-        context = remove_defect(reference_image, mask) if self.section.inpaint_reference else None
-        feat_ref, feat_normal = self.features(
-            reference_image if context is None else context, normal_image
-        )
+        feat_ref = feat_normal = None
+        if references:
+            context = (
+                remove_defect(reference_image, reference_mask)
+                if self.section.inpaint_reference
+                else reference_image
+            )
+            feat_ref, feat_normal = self.features(context, normal_image)
         aligned = np.zeros(size, bool)
         placements = []
-        for label in range(1, n):
-            component = labels == label
-            rng = np.random.default_rng([seed, label])
-            place = self.place_component(component, feat_ref, feat_normal, region, rng)
+        for k, component in enumerate(components):
+            rng = np.random.default_rng([seed, k + 1])
+            if not references:
+                place = self.place_at_random(component, region, rng)
+            else:
+                # a reused reference component must not stack its defect on an earlier one
+                free = region if k < len(references) else region & ~aligned
+                keys = keypoints(references[k % len(references)])
+                place = self.place_component(component, keys, feat_ref, feat_normal, free, rng)
             placements.append(place)
             centroid = keypoints(component)[0]
             dx = place.center[0] - int(round(centroid[0]))
@@ -345,21 +400,40 @@ class CamaAligner:
             record[f"cama_sim_{key}"] = float(min(values)) if values else float("nan")
         return aligned, record
 
+    def _fit(self, component: np.ndarray, region: np.ndarray):
+        """The component's anchor pixel, its inside-fraction map and the valid centres."""
+        centroid = keypoints(component)[0]
+        anchor = (int(round(centroid[0])), int(round(centroid[1])))
+        inside = inside_fraction_map(component, anchor, region)
+        need = 1.0 - 1e-6 if self.outside else self.section.min_inside  # outside: in the image
+        return anchor, inside, inside >= need
+
+    def place_at_random(
+        self, component: np.ndarray, region: np.ndarray, rng: np.random.Generator
+    ) -> Placement:
+        """Step 6 when there is nothing to match: the reference shows no defect."""
+        anchor, inside, valid = self._fit(component, region)
+        place = Placement(anchor, matched=False, reason="no_reference_defect")
+        place.center = self.fallback_center(valid, inside, rng)
+        return place
+
     def place_component(
         self,
         component: np.ndarray,
+        reference_keypoints: tuple[np.ndarray, np.ndarray, np.ndarray],
         feat_ref: FeatureMap,
         feat_normal: FeatureMap,
         region: np.ndarray,
         rng: np.random.Generator,
     ) -> Placement:
-        """Steps 1-4 for one component, or the seeded fallback."""
+        """Steps 2-5 for one component, or the seeded fallback (step 6).
+
+        The keypoints come from a reference defect component; ``component`` is what
+        is placed, so the candidate centres are those where *it* fits the region.
+        """
         s = self.section
-        centroid, top, bottom = keypoints(component)
-        anchor = (int(round(centroid[0])), int(round(centroid[1])))
-        inside = inside_fraction_map(component, anchor, region)
-        need = 1.0 - 1e-6 if self.outside else s.min_inside  # outside types: stay in the image
-        valid = inside >= need
+        centroid, top, bottom = reference_keypoints
+        anchor, inside, valid = self._fit(component, region)
         q_top, q_bottom, q_center = feat_ref.sample(np.stack([top, bottom, centroid]))
 
         allowed = None if self.outside else region

@@ -228,6 +228,7 @@ def finetune(
                     positions,
                     sf,
                     gen,
+                    ft.mask_loss_weight,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,6 +275,7 @@ def fewshot_batch_loss(
     positions: torch.Tensor | None,
     scaling_factor: float,
     gen: torch.Generator,
+    mask_weight: float = 1.0,
 ) -> torch.Tensor:
     """One fine-tuning batch's loss: posterior samples of the cached few-shot latents,
     GPP on the prompt, then the inpainting objective (what ``bench/finetune.py`` times)."""
@@ -282,7 +284,9 @@ def fewshot_batch_loss(
     cond = gaussian_prompt_perturbation(
         prompt_embeds.expand(len(idx), -1, -1), sigma, positions, gen
     )
-    return inpainting_loss(unet, noise_scheduler, latents, fewshot.masks[idx], masked, cond, gen)
+    return inpainting_loss(
+        unet, noise_scheduler, latents, fewshot.masks[idx], masked, cond, gen, mask_weight
+    )
 
 
 def _sample(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -10,9 +10,13 @@ the object. The default here needs no weights and runs offline on CPU:
   demo foreground).
 * ``otsu``: Otsu's threshold on grey levels, polarity set so the border is background.
 * ``grabcut``: OpenCV GrabCut initialised from ``border_color``.
-* ``model``: a segmenter from ``cama.foreground_model``: a local TorchScript file
-  (e.g. an exported U²-Net: 1x3xHxW in [0, 1] -> saliency map) or a Hugging Face
-  id / local folder loaded with ``AutoModelForImageSegmentation``.
+* ``model``: a learned salient-object segmenter from ``cama.foreground_model``: a
+  local TorchScript file (e.g. an exported U²-Net: 1x3xHxW -> saliency map) or a
+  Hugging Face id / local folder (``AutoModelForImageSegmentation``, e.g. BiRefNet
+  or RMBG with ``cama.trust_remote_code``, else ``AutoModelForSemanticSegmentation``),
+  fed and read as ``cama.foreground_model_*`` say (:class:`SegmenterOptions`). On
+  real MVTec screws the border-colour foreground covers about twice the screw
+  (issue 16), which a learned segmenter fixes.
 
 Texture categories use the whole image. A foreground that is (almost) empty or
 (almost) full on an object category is flagged (``status``) rather than silently
@@ -149,60 +153,112 @@ def grabcut_foreground(image: np.ndarray) -> np.ndarray:
     return _clean((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD))
 
 
-class ModelForeground:
-    """A learned segmenter (U²-Net-like) from a local TorchScript file or a HF id/folder.
+@dataclass(frozen=True)
+class SegmenterOptions:
+    """How a learned segmenter is fed and read (``cama.foreground_model_*``).
 
-    Loaded once per (source, device) and reused: see :func:`load_model_foreground`.
+    The defaults suit U²-Net exports (320 px, [0, 1] input). Hugging Face
+    salient-object models differ: BiRefNet wants ImageNet mean/std at 1024 px and
+    returns its final map last (``output: -1``); RMBG-1.4 wants mean 0.5, std 1.
     """
 
-    def __init__(
-        self, source: str, device: str = "cpu", resolution: int = 320, trust_remote_code=False
-    ):
+    resolution: int = 320
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    output: int = 0
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_section(cls, section) -> SegmenterOptions:
+        """From a :class:`~anomaly_factory.config.CamaSection`."""
+        return cls(
+            resolution=section.foreground_model_resolution,
+            mean=tuple(section.foreground_model_mean),
+            std=tuple(section.foreground_model_std),
+            output=section.foreground_model_output,
+            trust_remote_code=section.trust_remote_code,
+        )
+
+
+class ModelForeground:
+    """A learned salient-object segmenter (U²-Net-like) from a local file, folder or HF id.
+
+    * a local TorchScript file: ``1x3xHxW -> saliency map``;
+    * a folder or Hugging Face id: ``AutoModelForImageSegmentation`` (salient-object
+      models such as BiRefNet or RMBG ship their own code: ``cama.trust_remote_code``),
+      else ``AutoModelForSemanticSegmentation`` (e.g. a two-class SegFormer), where
+      the foreground is every class but 0 (background).
+
+    Loaded once per (source, device, options) and reused: see :func:`load_model_foreground`.
+    """
+
+    def __init__(self, source: str, device: str = "cpu", options: SegmenterOptions | None = None):
         import torch
 
         self.device = torch.device(device)
-        self.resolution = resolution
-        path = Path(source)
-        if path.is_file():
+        self.options = options or SegmenterOptions()
+        if Path(source).is_file():
             try:
-                self.model = torch.jit.load(str(path), map_location=self.device)
+                self.model = torch.jit.load(str(source), map_location=self.device)
             except RuntimeError as exc:
                 raise ValueError(
                     f"cama.foreground_model: {source!r} is not a TorchScript file: {exc}"
                 ) from exc
         else:
-            from transformers import AutoModelForImageSegmentation
-
-            try:
-                self.model = AutoModelForImageSegmentation.from_pretrained(
-                    source, trust_remote_code=trust_remote_code
-                ).to(self.device)
-            except OSError as exc:
-                raise ValueError(
-                    f"cama.foreground_model: cannot load {source!r} (local file, folder or "
-                    f"Hugging Face id; offline runs need it in the local cache): {exc}"
-                ) from exc
+            self.model = _load_hf_segmenter(source, self.options.trust_remote_code).to(self.device)
         self.model.eval()
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def saliency(self, image: np.ndarray):
+        """Foreground probability at the model's resolution, a (h, w) float tensor."""
         import torch
 
-        h, w = _check_image(image).shape[:2]
-        x = cv2.resize(image, (self.resolution, self.resolution), interpolation=cv2.INTER_AREA)
-        t = torch.from_numpy(x).permute(2, 0, 1)[None].float().div(255).to(self.device)
+        o = self.options
+        x = cv2.resize(image, (o.resolution, o.resolution), interpolation=cv2.INTER_AREA)
+        x = (x.astype(np.float32) / 255 - np.float32(o.mean)) / np.float32(o.std)
+        t = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)
         with torch.no_grad():
             out = self.model(t)
-        saliency = _first_tensor(out)[0, 0].float()
-        if saliency.min() < 0 or saliency.max() > 1:  # logits, not probabilities
-            saliency = saliency.sigmoid()
-        prob = cv2.resize(saliency.cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+        return _saliency(_output_tensor(out, o.output))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        h, w = _check_image(image).shape[:2]
+        prob = self.saliency(image).float().cpu().numpy()
+        prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
         return _clean(prob > 0.5)
 
 
-def _first_tensor(out):
-    """The first saliency map of a model output (tensor, tuple/list, or ModelOutput)."""
+def _load_hf_segmenter(source: str, trust_remote_code: bool):
+    """``AutoModelForImageSegmentation``, else ``AutoModelForSemanticSegmentation``."""
+    from transformers import AutoModelForImageSegmentation, AutoModelForSemanticSegmentation
+
+    errors = []
+    for auto in (AutoModelForImageSegmentation, AutoModelForSemanticSegmentation):
+        try:
+            return auto.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
+            errors.append(f"{auto.__name__}: {exc}")
+    hint = (
+        ""
+        if trust_remote_code
+        else "; models that ship their own code need cama.trust_remote_code: true"
+    )
+    raise ValueError(
+        f"cama.foreground_model: cannot load {source!r} (local TorchScript file, folder or "
+        f"Hugging Face id; offline runs need it in the local cache){hint}: " + " | ".join(errors)
+    )
+
+
+def _output_tensor(out, index: int = 0):
+    """The saliency logits/probabilities of a model output, as (1, C, h, w).
+
+    ``index`` picks from a list/tuple output (nested lists take their first item).
+    """
     import torch
 
+    if isinstance(out, (list, tuple)):
+        if not out:
+            raise ValueError("cama.foreground_model: the model returned an empty output")
+        out = out[index]
     while not isinstance(out, torch.Tensor):
         if isinstance(out, (list, tuple)):
             out = out[0]
@@ -210,14 +266,25 @@ def _first_tensor(out):
             out = out.logits
         else:
             raise ValueError(f"cama.foreground_model: cannot read a mask from {type(out)}")
-    return out if out.ndim == 4 else out.reshape(1, 1, *out.shape[-2:])
+    if out.ndim == 4:
+        return out[:1]
+    return out.reshape(1, 1, *out.shape[-2:])
+
+
+def _saliency(maps):
+    """Foreground probability (h, w): one channel is a saliency map (logits if outside
+    [0, 1]); several channels are classes with 0 the background."""
+    if maps.shape[1] == 1:
+        s = maps[0, 0].float()
+        return s.sigmoid() if s.min() < 0 or s.max() > 1 else s
+    return 1 - maps[0].float().softmax(0)[0]
 
 
 @functools.lru_cache(maxsize=4)
 def load_model_foreground(
-    source: str, device: str = "cpu", resolution: int = 320, trust_remote_code: bool = False
+    source: str, device: str = "cpu", options: SegmenterOptions | None = None
 ) -> ModelForeground:
-    return ModelForeground(source, device, resolution, trust_remote_code)
+    return ModelForeground(source, device, options)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -228,11 +295,13 @@ def extract_foreground(
     resolution: int | None = None,
     model: str | None = None,
     device: str = "cpu",
+    segmenter: SegmenterOptions | None = None,
 ) -> np.ndarray:
     """The foreground (bool HxW) of an object image by ``method``.
 
     ``resolution`` (long side) runs the method on a downscaled copy and resizes the
-    result back, which bounds the cost of GrabCut on 1024 px images.
+    result back, which bounds the cost of GrabCut on 1024 px images. ``segmenter``
+    says how ``method: model`` feeds and reads ``model``.
     """
     image = _check_image(image)
     h, w = image.shape[:2]
@@ -250,7 +319,7 @@ def extract_foreground(
     elif method == "model":
         if not model:
             raise ValueError("cama.foreground_model: required when cama.foreground is 'model'")
-        mask = load_model_foreground(model, device)(small)
+        mask = load_model_foreground(model, device, segmenter or SegmenterOptions())(small)
     else:
         raise ValueError(f"cama.foreground: {method!r} is not one of {list(FOREGROUND_METHODS)}")
     if mask.shape != (h, w):
@@ -278,11 +347,14 @@ def object_foreground(
     resolution: int | None = None,
     model: str | None = None,
     device: str = "cpu",
+    segmenter: SegmenterOptions | None = None,
 ) -> Foreground:
     """The foreground of a normal image with its status; textures are the whole image."""
     if texture:
         return Foreground(np.ones(image.shape[:2], bool), "whole_image", "texture")
-    mask = extract_foreground(image, method, resolution=resolution, model=model, device=device)
+    mask = extract_foreground(
+        image, method, resolution=resolution, model=model, device=device, segmenter=segmenter
+    )
     return Foreground(mask, method, foreground_status(mask, min_ratio, max_ratio))
 
 

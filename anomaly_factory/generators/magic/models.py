@@ -36,7 +36,6 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     UNet2DConditionModel,
 )
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from anomaly_factory.config import (
@@ -158,10 +157,16 @@ def build_tiny_vae(tiny: TinyModelSection, resolution: int) -> AutoencoderKL:
 def build_tiny_unet(tiny: TinyModelSection, sample_size: int) -> UNet2DConditionModel:
     """SD-style UNet: cross-attention in every level but the deepest, 9 input channels."""
     n = len(tiny.unet_channels)
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
-    if n == 1:
-        down, up = ("CrossAttnDownBlock2D",), ("CrossAttnUpBlock2D",)
+    attn = tiny.unet_cross_attention
+    if attn is None:
+        attn = [True] * (n - 1) + [False] if n > 1 else [True]
+    if len(attn) != n:
+        raise ValueError(
+            f"model.tiny.unet_cross_attention: {len(attn)} entries for "
+            f"{n} levels of model.tiny.unet_channels"
+        )
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=2 * tiny.latent_channels + 1,
@@ -235,23 +240,16 @@ def resolve_path(path: str, manifest_path: Path | None) -> Path:
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """RGB image as a (3, size, size) tensor in [-1, 1] (SD's input range)."""
-    try:
-        img = Image.open(path).convert("RGB")
-    except (FileNotFoundError, OSError) as exc:
-        raise FileNotFoundError(f"{path}: cannot read image: {exc}") from exc
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    from anomaly_factory.images import read_rgb, rgb_to_tensor
+
+    return rgb_to_tensor(read_rgb(path, size, "bicubic"))
 
 
 def load_mask(path: Path, size: int) -> torch.Tensor:
-    """Binary (1, size, size) float mask; any non-zero value is defect (VisA uses labels)."""
-    try:
-        m = Image.open(path).convert("L")
-    except (FileNotFoundError, OSError) as exc:
-        raise FileNotFoundError(f"{path}: cannot read mask: {exc}") from exc
-    m = m.resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy((np.asarray(m) > 0).astype(np.float32)).unsqueeze(0)
+    """Binary (1, size, size) float mask of a dataset's ground truth (any non-zero is defect)."""
+    from anomaly_factory.images import read_mask
+
+    return torch.from_numpy(read_mask(path, size, source="dataset").astype(np.float32))[None]
 
 
 def masked_inputs(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -278,6 +276,40 @@ def random_box_masks(
         x = int(torch.randint(0, size - w + 1, (1,), generator=generator))
         out[i, :, y : y + h, x : x + w] = 1.0
     return out
+
+
+def random_inpaint_masks(
+    n: int, size: int, max_frac: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` random masks, (n, 1, size, size) in {0, 1}: boxes, ellipses and brush strokes.
+
+    Boxes alone taught the tiny UNet nothing about thin or round regions, which is
+    what the mask generator produces (scratches, cracks, spots).
+    """
+    import cv2
+
+    boxes = random_box_masks(n, size, max_frac, generator)
+    seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator).tolist()
+    for i, seed in enumerate(seeds):
+        rng = np.random.default_rng(seed)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            continue
+        m = np.zeros((size, size), np.uint8)
+        c = (int(rng.integers(size)), int(rng.integers(size)))
+        r = max(2, int(rng.uniform(0.04, max_frac / 2) * size))
+        if kind == 1:
+            axes = (r, max(1, int(r * rng.uniform(0.3, 1.0))))
+            cv2.ellipse(m, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        else:
+            pts = [c]
+            a = rng.uniform(0, 2 * np.pi)
+            for _ in range(int(rng.integers(1, 5))):
+                a += rng.uniform(-1, 1)
+                pts.append((int(pts[-1][0] + r * np.cos(a)), int(pts[-1][1] + r * np.sin(a))))
+            cv2.polylines(m, [np.array(pts, np.int32)], False, 1, int(rng.integers(1, 5)))
+        boxes[i, 0] = torch.from_numpy(m.astype(np.float32))
+    return boxes
 
 
 def _batch(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -348,7 +380,7 @@ def pretrain_tiny(
         task = progress.add_task("pretrain UNet", total=tiny.pretrain_unet_steps)
         for _ in range(tiny.pretrain_unet_steps):
             x = _batch(images, bs, gen)
-            masks = random_box_masks(bs, size, tiny.pretrain_mask_max, gen).to(device)
+            masks = random_inpaint_masks(bs, size, tiny.pretrain_mask_max, gen).to(device)
             with torch.no_grad():
                 both = vae.encode(torch.cat([x, masked_inputs(x, masks)])).latent_dist.mean * sf
             latents, masked_latents = both.chunk(2)
@@ -377,11 +409,16 @@ def inpainting_loss(
     masked_latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     gen: torch.Generator,
+    mask_weight: float = 1.0,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE of the inpainting UNet (diffusers' DreamBooth-inpaint objective).
 
     The UNet input is ``[noisy latents, mask, masked-image latents]`` (9 channels);
-    ``masks`` are at image resolution and resized to the latent grid here.
+    ``masks`` are at image resolution and resized to the latent grid here. With
+    ``mask_weight`` w > 1 the squared error on the mask's latent cells counts w
+    times (normalised by the mean weight): a defect covering 2% of a few-shot image
+    otherwise contributes 2% of the gradient, and a small model needs many more
+    steps to learn it. w = 1 is the paper's plain MSE.
     """
     n = latents.shape[0]
     device = latents.device
@@ -394,7 +431,10 @@ def inpainting_loss(
     if encoder_hidden_states.shape[0] != n:
         encoder_hidden_states = encoder_hidden_states.expand(n, -1, -1)
     pred = unet(model_input, t, encoder_hidden_states=encoder_hidden_states).sample
-    return F.mse_loss(pred.float(), noise.float())
+    if mask_weight == 1.0:
+        return F.mse_loss(pred.float(), noise.float())
+    weight = 1.0 + (mask_weight - 1.0) * m.float()
+    return (weight * (pred.float() - noise.float()) ** 2).mean() / weight.mean()
 
 
 def _progress(enabled: bool):
@@ -505,16 +545,29 @@ def load_base_pipeline(
     pretrained tiny model (built and pretrained on its ``train`` images if not cached)."""
     if cfg.model.preset == "sd2_inpainting":
         return from_folder(cfg.model.pretrained, cfg.model, cfg.generate.scheduler)
+    if cfg.model.tiny.base == "bundled":
+        return from_folder(bundled_base(cfg), cfg.model, cfg.generate.scheduler)
     if category is None or manifest_path is None:
         raise ValueError("model.preset 'tiny' needs a category and an image manifest to pretrain")
     folder = pretrained_tiny_pipeline(cfg, category, Path(manifest_path))
     return from_folder(folder, cfg.model, cfg.generate.scheduler)
 
 
+def bundled_base(cfg: FactoryConfig) -> Path:
+    """The shipped tiny base snapshot, checked against ``model.tiny``'s shapes."""
+    from anomaly_factory.generators.magic.tiny_base import bundled_folder, check_shapes
+
+    folder = bundled_folder()
+    check_shapes(cfg, folder)
+    return folder
+
+
 def base_model_id(cfg: FactoryConfig, category: str | None, manifest_path: Path | None) -> str:
     """What identifies the base weights: the hub id / folder, or the tiny cache folder."""
     if cfg.model.preset == "sd2_inpainting":
         return cfg.model.pretrained
+    if cfg.model.tiny.base == "bundled":
+        return str(bundled_base(cfg))
     if category is None or manifest_path is None:
         raise ValueError("model.preset 'tiny' needs a category and an image manifest")
     return str(tiny_cache_dir(cfg, category, Path(manifest_path)))

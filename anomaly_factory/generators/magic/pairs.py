@@ -5,14 +5,22 @@ For pair ``i`` (seed ``derive_seed(generate.seed, category, type, i)``):
 1. take mask ``i`` of the type's mask source (:mod:`.masks`: the trained mask
    generator or a folder of masks);
 2. pick a normal ``train`` image of the category and a ``fewshot`` reference
-   image of the type, both at random from the pair's seed;
-3. align the mask on the normal image (:func:`make_aligner`: CAMA, or identity);
+   image of the type (with its ground-truth mask), both at random from the pair's seed;
+3. align the mask on the normal image (:func:`make_aligner`: CAMA, or identity).
+   CAMA reads its keypoints from the reference's own defect (its ground-truth
+   mask), where the reference really shows one, and moves mask ``i``'s
+   components to the matched centres (MAGIC §3.4, as the official code);
 4. inpaint it with the MAGIC sampler (:mod:`.sampler`), ``generate.batch_size``
    pairs per UNet call.
 
 Everything happens at ``model.resolution``: the normal image is resized to it
 (bicubic) before generation, and the saved image, mask and normal image all
-have that size, so the mask indexes both images pixel for pixel.
+have that size, so the mask indexes both images pixel for pixel. Each image is
+decoded and resized once per run, however many pairs use it.
+
+Every pair records the reference mask it was aligned with, and the GPP the
+checkpoint was fine-tuned with beside the inference GPP; inference GPP unlike
+the training GPP is refused (``generate.gpp_mismatch``).
 
 Output is :mod:`anomaly_factory.generators.output`'s format. Batches cover fixed
 index ranges ``[k*B, (k+1)*B)``; a resumed run recomputes a partly saved batch
@@ -34,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.generators.magic.masks import derive_seed, mask_source
@@ -42,9 +49,11 @@ from anomaly_factory.generators.output import (
     PAIRS_FILE,
     is_done,
     pair_key,
+    pair_metadata,
     save_pair,
     write_pairs_manifest,
 )
+from anomaly_factory.images import read_mask, read_rgb
 from anomaly_factory.io import atomic_write_json
 from anomaly_factory.manifest import read_images, select
 
@@ -54,12 +63,17 @@ GENERATOR_NAME = "magic"
 SETTINGS_FILE = "generate.json"
 MASK_GENERATOR_DIR = "mask_generator"
 
-Aligner = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, dict]]
+# aligner(mask, reference_image, normal_image, seed, reference_mask=...) -> (mask, record)
+Aligner = Callable[..., tuple[np.ndarray, dict]]
 ProgressFn = Callable[[int, int], None]
 
 
 def identity_aligner(
-    mask: np.ndarray, reference_image: np.ndarray, normal_image: np.ndarray, seed: int
+    mask: np.ndarray,
+    reference_image: np.ndarray,
+    normal_image: np.ndarray,
+    seed: int,
+    reference_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """No alignment: the mask stays where the mask source put it."""
     return mask, {"cama_status": "disabled"}
@@ -74,13 +88,37 @@ def make_aligner(cfg: FactoryConfig, category: str, anomaly_type: str) -> Aligne
     return identity_aligner
 
 
-def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """An RGB uint8 image resized (bicubic) to ``size`` x ``size``."""
-    try:
-        img = Image.open(path).convert("RGB")
-    except (FileNotFoundError, OSError) as exc:
-        raise FileNotFoundError(f"{path}: cannot read image: {exc}") from exc
-    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
+class ImageCache:
+    """Images and reference masks of one run at model resolution, each read once.
+
+    Pairs draw their normal and reference images from small pools, so on
+    1024-px datasets re-decoding them per pair dominated the run (issue 16).
+    """
+
+    def __init__(self, manifest_path: Path, size: int):
+        self.manifest_path, self.size = manifest_path, size
+        self._rgb: dict[str, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] = {}
+
+    def _path(self, path: str) -> Path:
+        from anomaly_factory.generators.magic.models import resolve_path
+
+        return resolve_path(path, self.manifest_path)
+
+    def rgb(self, path: str) -> np.ndarray:
+        """RGB uint8 at ``size`` x ``size`` (bicubic, as the pipeline's image processor)."""
+        if path not in self._rgb:
+            self._rgb[path] = read_rgb(self._path(path), self.size, "bicubic")
+        return self._rgb[path]
+
+    def mask(self, path: str) -> np.ndarray:
+        """A ground-truth mask at ``size`` x ``size``, thin defects kept (area coverage)."""
+        from anomaly_factory.generators.magic.cama import resize_mask
+
+        if path not in self._masks:
+            full = read_mask(self._path(path), source="dataset")
+            self._masks[path] = resize_mask(full, (self.size, self.size))
+        return self._masks[path]
 
 
 def pair_seed(cfg: FactoryConfig, category: str, anomaly_type: str, index: int) -> int:
@@ -157,8 +195,11 @@ def generate_pairs(
     ``aligner`` overrides :func:`make_aligner`. Reference options
     (AnomalyControl's) are accepted and ignored.
     """
-    from anomaly_factory.generators.magic.gpp import anomaly_token_positions
-    from anomaly_factory.generators.magic.models import resolve_path
+    from anomaly_factory.generators.magic.checkpoints import read_meta
+    from anomaly_factory.generators.magic.gpp import (
+        anomaly_token_positions,
+        check_gpp_consistency,
+    )
     from anomaly_factory.generators.magic.sampler import SamplerOptions, magic_inpaint
 
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
@@ -185,6 +226,13 @@ def generate_pairs(
     res = cfg.model.resolution
     g = cfg.generate
     options = SamplerOptions.from_config(g)
+    train_sigma, train_target = check_gpp_consistency(
+        read_meta(Path(checkpoint)) if checkpoint is not None else None,
+        g.gpp.sigma,
+        g.gpp.target,
+        g.gpp_mismatch,
+        str(checkpoint),
+    )
     masks = mask_source(
         cfg.masks, manifest_path, category, anomaly_type, out_dir / MASK_GENERATOR_DIR
     )
@@ -196,6 +244,7 @@ def generate_pairs(
         else None
     )
     aligner = aligner or make_aligner(cfg, category, anomaly_type)
+    cache = ImageCache(manifest_path, res)
     done = n_pairs - len(todo)
     if on_pair is not None:
         on_pair(done, n_pairs)
@@ -206,44 +255,38 @@ def generate_pairs(
         batch_masks = masks.masks_for(idx, n_pairs, res)
         seeds, normal_imgs, aligned, metas = [], [], [], []
         for i in idx:
-            seed = pair_seed(cfg, category, anomaly_type, i)
-            rng = np.random.default_rng(seed)
-            normal_row = normals.iloc[int(rng.integers(len(normals)))]
-            ref_row = refs.iloc[int(rng.integers(len(refs)))]
-            normal = load_rgb(resolve_path(normal_row["image_path"], manifest_path), res)
-            ref = load_rgb(resolve_path(ref_row["image_path"], manifest_path), res)
-            mask, record = aligner(batch_masks[i], ref, normal, seed)
-            mask = np.asarray(mask, bool)
-            if mask.shape != (res, res):
-                raise ValueError(f"aligner returned a {mask.shape} mask, expected {(res, res)}")
+            seed, normal, mask, record = align_pair(
+                cfg, category, anomaly_type, i, batch_masks[i], normals, refs, cache, aligner
+            )
             seeds.append(seed)
             normal_imgs.append(normal)
             aligned.append(mask)
+            source = masks.name
+            if i in getattr(masks, "fallback_used", ()):
+                source += "+fewshot_fallback"
             metas.append(
-                {
+                pair_metadata(
+                    dataset,
+                    category,
+                    anomaly_type,
+                    GENERATOR_NAME,
+                    seed,
+                    source,
+                    sigma=options.sigma,
+                    w_m=options.w_m,
+                    w_d=options.w_d,
+                    steps=options.steps,
+                    checkpoint_hash=ckpt_hash,
                     **record,
-                    "dataset": dataset,
-                    "category": category,
-                    "anomaly_type": anomaly_type,
-                    "generator": GENERATOR_NAME,
-                    "seed": seed,
-                    "sigma": options.sigma,
-                    "w_m": options.w_m,
-                    "w_d": options.w_d,
-                    "steps": options.steps,
-                    "checkpoint_hash": ckpt_hash,
-                    "mask_source": (
-                        f"{masks.name}+fewshot_fallback"
-                        if i in getattr(masks, "fallback_used", ())
-                        else masks.name
-                    ),
-                    "mask_index": i,
-                    "normal_source": str(normal_row["image_path"]),
-                    "reference_source": str(ref_row["image_path"]),
-                    "mgni": options.mgni,
-                    "paste_back": options.paste_back,
-                    "resolution": res,
-                }
+                    gpp_target=g.gpp.target,
+                    train_sigma=train_sigma,
+                    train_gpp_target=train_target,
+                    mask_index=i,
+                    mgni=options.mgni,
+                    latent_mask=options.latent_mask,
+                    paste_back=options.paste_back,
+                    resolution=res,
+                )
             )
         out = magic_inpaint(
             pipe, normal_imgs, aligned, seeds, prompt, options, positions, height=res, width=res
@@ -257,6 +300,43 @@ def generate_pairs(
             if on_pair is not None:
                 on_pair(done, n_pairs)
     return write_pairs_manifest(out_dir)
+
+
+def align_pair(
+    cfg: FactoryConfig,
+    category: str,
+    anomaly_type: str,
+    index: int,
+    mask: np.ndarray,
+    normals: pd.DataFrame,
+    refs: pd.DataFrame,
+    cache: ImageCache,
+    aligner: Aligner,
+) -> tuple[int, np.ndarray, np.ndarray, dict]:
+    """Pair ``index``'s seed, normal image, aligned mask and alignment record (steps 2-3).
+
+    The reference's keypoints come from its own ground-truth mask (``mask_path``),
+    which the record names (``reference_mask_source``).
+    """
+    res = cache.size
+    seed = pair_seed(cfg, category, anomaly_type, index)
+    rng = np.random.default_rng(seed)
+    normal_row = normals.iloc[int(rng.integers(len(normals)))]
+    ref_row = refs.iloc[int(rng.integers(len(refs)))]
+    normal = cache.rgb(str(normal_row["image_path"]))
+    reference = cache.rgb(str(ref_row["image_path"]))
+    reference_mask = cache.mask(str(ref_row["mask_path"]))
+    aligned, record = aligner(mask, reference, normal, seed, reference_mask=reference_mask)
+    aligned = np.asarray(aligned, bool)
+    if aligned.shape != (res, res):
+        raise ValueError(f"aligner returned a {aligned.shape} mask, expected {(res, res)}")
+    record = {
+        **record,
+        "normal_source": str(normal_row["image_path"]),
+        "reference_source": str(ref_row["image_path"]),
+        "reference_mask_source": str(ref_row["mask_path"]),
+    }
+    return seed, normal, aligned, record
 
 
 def read_generated(out_dir: Path) -> pd.DataFrame:

@@ -12,11 +12,20 @@ MAGIC changes (CONTEXT §1):
 * **GPP at inference** (§3.2): the conditional prompt embedding is perturbed
   once per generated image (seeded by that image's seed), the same draw at every
   step; the unconditional branch is untouched.
-* **MGNI** (public code's final version, optional): per-position DDIM eta,
-  ``eta_inside`` in the mask and ``eta_outside`` elsewhere, so extra noise enters
-  only the defect. Each position's DDIM update depends only on that position, so
-  two ``scheduler.step`` calls sharing one noise draw, blended by the binary
-  latent mask, are exactly a per-position eta.
+* **MGNI** (public code's final version, ``magic_ddim.py``, optional):
+  per-position DDIM eta, ``eta_inside`` in the mask and ``eta_outside`` elsewhere,
+  so extra noise enters only the defect. Each position's DDIM update depends only
+  on that position, so two ``scheduler.step`` calls sharing one noise draw,
+  blended by the binary latent mask, are exactly a per-position eta. The inside
+  eta follows one of the official code's step schedules (:func:`mgni_eta`) and is
+  guarded per step: DDIM's noise std ``eta * sqrt(var_t)`` must not exceed
+  ``sqrt(1 - alpha_prev)``, else the update takes the square root of a negative
+  number (eta 1.5 at the last of 20 steps gives NaN), so eta is clipped to
+  ``guard_margin`` times the critical eta (:func:`critical_eta`) or zeroed.
+* **Latent mask**: the mask on the latent grid (UNet input, SAG's map, MGNI's
+  blend) is either diffusers' nearest resize or, by default, every latent cell
+  the pixel mask covers (:func:`latent_mask`): a scratch thinner than a cell
+  (8 px in SD) would otherwise vanish from the latent grid and never be painted.
 * **Paste-back** (optional): the decoded image is blended with the normal image
   outside the mask, ``alpha`` falling linearly from 1 at the mask edge to 0 at
   ``feather_px + 1`` pixels away, so the normal region beyond it is exact (no VAE
@@ -31,10 +40,12 @@ up to the floating-point differences of batched kernels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
@@ -57,8 +68,18 @@ class SamplerOptions:
     mgni: bool = False
     eta_inside: float = 1.0
     eta_outside: float = 0.0
+    eta_inside_min: float = 0.0
+    eta_schedule: str = "constant"
+    eta_power: float = 2.0
+    eta_exp_k: float = 3.0
+    eta_sigmoid_k: float = 8.0
+    eta_stop_step: int | None = None
+    eta_guard: str = "clip_to_crit"
+    eta_guard_margin: float = 0.99
     paste_back: bool = False
     feather_px: int = 3
+    latent_mask: str = "nearest"  # the stock pipeline's; the config's default is "coverage"
+    latent_mask_min_coverage: float = 0.0
 
     @classmethod
     def from_config(cls, g: GenerateSection) -> SamplerOptions:
@@ -70,9 +91,107 @@ class SamplerOptions:
             mgni=g.mgni.enabled,
             eta_inside=g.mgni.eta_inside,
             eta_outside=g.mgni.eta_outside,
+            eta_inside_min=g.mgni.eta_inside_min,
+            eta_schedule=g.mgni.schedule,
+            eta_power=g.mgni.power,
+            eta_exp_k=g.mgni.exp_k,
+            eta_sigmoid_k=g.mgni.sigmoid_k,
+            eta_stop_step=g.mgni.stop_step,
+            eta_guard=g.mgni.guard,
+            eta_guard_margin=g.mgni.guard_margin,
             paste_back=g.paste_back.enabled,
             feather_px=g.paste_back.feather_px,
+            latent_mask=g.latent_mask,
+            latent_mask_min_coverage=g.latent_mask_min_coverage,
         )
+
+
+# --------------------------------------------------------------------------- latent mask
+def latent_mask(
+    masks: torch.Tensor,
+    size: int | tuple[int, int],
+    mode: str = "nearest",
+    min_coverage: float = 0.0,
+) -> torch.Tensor:
+    """A {0, 1} mask ``(B, 1, H, W)`` on the latent grid ``size``; the one place it is made.
+
+    * ``nearest``: ``F.interpolate`` as ``StableDiffusionInpaintPipeline.prepare_mask_latents``
+      (and the fine-tuning loss) do: each cell takes one pixel, so a line thinner
+      than a cell can vanish;
+    * ``coverage``: a cell is in the mask when the share of its pixels in the mask
+      (area average) is above 0 and at least ``min_coverage``; with 0 every mask
+      pixel lies in a marked cell.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if mode == "nearest":
+        return F.interpolate(masks, size=size)
+    if mode != "coverage":
+        raise ValueError(f"generate.latent_mask: {mode!r} is not one of ['nearest', 'coverage']")
+    cover = F.adaptive_avg_pool2d((masks >= 0.5).float(), size)
+    return ((cover > 0) & (cover >= min_coverage)).to(masks.dtype)
+
+
+# --------------------------------------------------------------------------- MGNI
+def eta_shape(
+    schedule: str, s: float, power: float = 2.0, exp_k: float = 3.0, sigmoid_k: float = 8.0
+) -> float:
+    """The official code's schedule shapes, ``s`` in [0, 1] (first to last step) -> [0, 1]."""
+    s = min(max(s, 0.0), 1.0)
+    shapes = {
+        "constant": lambda: 1.0,
+        "linear_down": lambda: 1.0 - s,
+        "linear_up": lambda: s,
+        "cosine_down": lambda: 0.5 * (1.0 + math.cos(math.pi * s)),
+        "cosine_up": lambda: 0.5 * (1.0 - math.cos(math.pi * s)),
+        "poly_down": lambda: (1.0 - s) ** power,
+        "poly_up": lambda: s**power,
+        "exp_down": lambda: math.exp(-exp_k * s),
+        "exp_up": lambda: 1.0 - math.exp(-exp_k * s),
+        # as magic_ddim.py: the upper half of a logistic, rescaled to [0, 1]
+        "sigmoid_down": lambda: min(1.0, max(0.0, 2 / (1 + math.exp(sigmoid_k * (s - 0.5))) - 1)),
+        "sigmoid_up": lambda: min(1.0, max(0.0, 2 / (1 + math.exp(-sigmoid_k * (s - 0.5))) - 1)),
+    }
+    if schedule not in shapes:
+        raise ValueError(f"generate.mgni.schedule: {schedule!r} is not one of {sorted(shapes)}")
+    return float(shapes[schedule]())
+
+
+def mgni_eta(options: SamplerOptions, step_index: int, num_steps: int) -> float:
+    """Scheduled eta inside the mask at ``step_index`` (before the guard):
+    ``eta_inside_min + (eta_inside - eta_inside_min) * shape(i / (N - 1))``."""
+    if options.eta_stop_step is not None and step_index >= options.eta_stop_step:
+        return 0.0
+    s = 0.0 if num_steps <= 1 else step_index / (num_steps - 1)
+    w = eta_shape(
+        options.eta_schedule, s, options.eta_power, options.eta_exp_k, options.eta_sigmoid_k
+    )
+    return options.eta_inside_min + (options.eta_inside - options.eta_inside_min) * w
+
+
+def critical_eta(scheduler, t) -> float:
+    """The eta at which DDIM's noise variance ``eta^2 var_t`` reaches ``1 - alpha_prev``.
+
+    Beyond it ``sqrt(1 - alpha_prev - std^2)`` in ``DDIMScheduler.step`` is NaN.
+    ``var_t <= 1 - alpha_prev`` always, so the critical eta is >= 1.
+    """
+    prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    variance = float(scheduler._get_variance(int(t), prev))
+    return math.inf if variance <= 0 else math.sqrt(float(1 - alpha_prev) / variance)
+
+
+def guard_eta(eta: float, critical: float, guard: str, margin: float) -> float:
+    """Keep ``eta`` below ``margin * critical`` (clip), or drop it to 0 above (zero)."""
+    limit = margin * critical
+    if eta <= limit:
+        return eta
+    if guard == "clip_to_crit":
+        return limit
+    if guard == "zero_before_neg":
+        return 0.0
+    raise ValueError(
+        f"generate.mgni.guard: {guard!r} is not one of ['clip_to_crit', 'zero_before_neg']"
+    )
 
 
 def cpu_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -176,6 +295,11 @@ def magic_inpaint(
         generators,
         True,
     )
+    if options.latent_mask != "nearest":  # prepare_mask_latents resized by nearest
+        grid = latent_mask(
+            mask_condition, mask.shape[-2:], options.latent_mask, options.latent_mask_min_coverage
+        )
+        mask = torch.cat([grid.to(device=mask.device, dtype=mask.dtype)] * 2)
     mask_latent = mask[:n]  # binary, on the latent grid
 
     # 4. denoising loop
@@ -186,7 +310,7 @@ def magic_inpaint(
         noise_pred = pipe.unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
         eps_u, eps_c = noise_pred.chunk(2)
         eps = spatially_adaptive_guidance(eps_u, eps_c, mask_latent, w_in[i], options.w_d)
-        latents = _ddim_step(pipe.scheduler, eps, t, latents, mask_latent, options, generators)
+        latents = _ddim_step(pipe.scheduler, eps, t, latents, mask_latent, options, generators, i)
 
     # 5. decode, optional paste-back
     decoded = pipe.vae.decode(
@@ -200,17 +324,25 @@ def magic_inpaint(
     return out
 
 
-def _ddim_step(scheduler, eps, t, latents, mask_latent, options, generators) -> torch.Tensor:
-    """One DDIM step; with MGNI, eta is ``eta_inside`` in the mask and ``eta_outside`` out."""
+def _ddim_step(
+    scheduler, eps, t, latents, mask_latent, options, generators, step_index: int | None = None
+) -> torch.Tensor:
+    """One DDIM step; with MGNI, eta is the guarded ``mgni_eta`` in the mask, ``eta_outside`` out."""
     if not options.mgni:
         return scheduler.step(
             eps, t, latents, eta=options.eta, generator=generators, return_dict=False
         )[0]
+    if step_index is None:
+        step_index = int((scheduler.timesteps == t).nonzero()[0, 0])
+    eta_in = guard_eta(
+        mgni_eta(options, step_index, len(scheduler.timesteps)),
+        critical_eta(scheduler, t),
+        options.eta_guard,
+        options.eta_guard_margin,
+    )
     noise = randn_tensor(eps.shape, generator=generators, device=eps.device, dtype=eps.dtype)
-    inside = scheduler.step(
-        eps, t, latents, eta=options.eta_inside, variance_noise=noise, return_dict=False
-    )[0]
-    if options.eta_outside == options.eta_inside:
+    inside = scheduler.step(eps, t, latents, eta=eta_in, variance_noise=noise, return_dict=False)[0]
+    if options.eta_outside == eta_in:
         return inside
     outside = scheduler.step(
         eps, t, latents, eta=options.eta_outside, variance_noise=noise, return_dict=False

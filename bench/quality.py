@@ -1,0 +1,232 @@
+"""Judge generators by what they make: pair checks, KID / IC-LPIPS and downstream detectors.
+
+For one dataset (the demo by default, or any folder in a supported layout given with
+``--source``) and each generator, per category and anomaly type:
+
+* the share of pairs that pass every pair check of the gates (``gates.pair_checks``),
+* KID x1e3 against the type's real anomaly images and IC-LPIPS, with one extractor
+  (``gates.kid`` / ``gates.lpips`` of the profile) for every generator,
+
+and per category, the downstream detectors trained on each generator's pairs and
+scored on the real test split: pixel / image AUROC and AUPRO (DRAEM-style
+localization) and the ResNet-34's type accuracy. Generators: ``magic`` (fine-tuned
+per type, then generated, exactly as the factory does), ``perlin``, ``cutpaste``,
+``anomalycontrol`` and the demo's ``oracle`` (true defects painted by the demo's
+renderer; demo only). Prints a table per level, writes JSON and a sample grid
+(normal | mask on the normal | generated, one row per generator and type).
+
+    .venv/bin/python bench/quality.py                      # the demo, tiny profile
+    .venv/bin/python bench/quality.py --source ../shared/data/real/mvtec_3d_ad \\
+        --dataset mvtec_3d_ad --generators magic,perlin,cutpaste
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import report  # noqa: E402
+
+from anomaly_factory.config import FactoryConfig, load_config  # noqa: E402
+
+GENERATORS = ("magic", "perlin", "cutpaste", "anomalycontrol", "oracle")
+DETECT_METRICS = ("pixel_auroc", "image_auroc", "aupro", "accuracy")
+
+
+def work_config(args: argparse.Namespace, work: Path) -> FactoryConfig:
+    """The profile's config with every output folder under ``work``."""
+    overrides: dict[str, Any] = {
+        "model": {"cache_dir": str(work / "models")},
+        "anomalycontrol": {
+            "cache_dir": str(work / "models" / "anomalycontrol"),
+            "out_dir": str(work / "checkpoints" / "anomalycontrol"),
+        },
+        "finetune": {"out_dir": str(work / "checkpoints")},
+        "detector": {"baselines": ["none"]},  # every generator is given explicitly
+    }
+    if args.n_pairs:
+        overrides["generate"] = {"n_pairs": args.n_pairs}
+    return load_config(args.config, args.profile, overrides=overrides)
+
+
+def ingest_source(cfg: FactoryConfig, args: argparse.Namespace, work: Path) -> Path:
+    from anomaly_factory.datasets.ingest import ingest
+
+    categories = args.categories.split(",") if args.categories else None
+    source = args.source
+    if args.dataset == "demo" and source is None:
+        from anomaly_factory.datasets.demo import build_demo
+
+        d = cfg.demo
+        source = build_demo(
+            work / "demo", d.seed, d.size, d.n_train, d.n_test_good, d.n_per_type, categories
+        )
+    out = work / "manifests" / f"{args.dataset}.parquet"
+    if out.is_file():
+        return out
+    result = ingest(
+        args.dataset,
+        source,
+        out,
+        root=work / "raw",
+        categories=categories,
+        fewshot_fraction=cfg.split.fewshot_fraction,
+        demo=cfg.demo,
+        show_progress=False,
+    )
+    return result.manifest_path
+
+
+def types_of(manifest: Path) -> list[tuple[str, str]]:
+    from anomaly_factory.manifest import read_images
+
+    images = read_images(manifest)
+    shots = images[images["split"] == "fewshot"]
+    return sorted({(str(c), str(t)) for c, t in shots[["category", "anomaly_type"]].values})
+
+
+def generate(cfg: FactoryConfig, gen: str, manifest: Path, work: Path) -> tuple[Path, float]:
+    """Every type's pairs of one generator, merged; and the seconds it took."""
+    from anomaly_factory.generators.output import merge_pairs
+    from anomaly_factory.generators.registry import get_generator
+
+    start = time.perf_counter()
+    parts = []
+    for category, anomaly_type in types_of(manifest):
+        out = work / "pairs" / gen / category / anomaly_type
+        checkpoint = None
+        if gen == "magic":
+            from anomaly_factory.generators.magic.finetune import finetune
+
+            checkpoint = finetune(
+                cfg, manifest, category, anomaly_type, work / "checkpoints" / category / anomaly_type
+            )
+        parts.append(
+            get_generator(gen)(
+                cfg,
+                manifest,
+                category,
+                anomaly_type,
+                cfg.generate.n_pairs,
+                out,
+                checkpoint=checkpoint,
+            )
+        )
+    return merge_pairs(parts, work / "pairs" / gen / "pairs.parquet"), time.perf_counter() - start
+
+
+def type_rows(cfg: FactoryConfig, gen: str, pairs: Path, manifest: Path) -> list[dict[str, Any]]:
+    from anomaly_factory.gates.pair_checks import pair_checks_for_manifest
+    from anomaly_factory.gates.run import compute_metrics
+
+    metrics = compute_metrics(cfg, pairs, manifest)
+    checks = pair_checks_for_manifest(cfg, pairs, manifest)
+    rows = []
+    for tid in metrics["types"]:
+        mine = checks[checks["type_id"] == tid]
+        failed = mine.loc[~mine["passed"], "reasons"].str.split("; ").explode()
+        worst = failed.str.split(":").str[0].value_counts()
+        rows.append(
+            {
+                "type": tid.split("/", 1)[1],
+                "generator": gen,
+                "pass_rate": float(mine["passed"].mean()) if len(mine) else float("nan"),
+                "top_failure": str(worst.index[0]) if len(worst) else "",
+                "kid_x1e3": metrics["kid"]["per_type"][tid]["kid_x1e3"],
+                "ic_lpips": metrics["ic_lpips"]["per_type"][tid]["score"],
+                "bg_psnr_median": float(mine["bg_psnr"].median()) if len(mine) else float("nan"),
+                "fg_share_mean": float(mine["fg_share"].mean()) if len(mine) else float("nan"),
+            }
+        )
+    return rows
+
+
+def detect_rows(cfg: FactoryConfig, all_pairs: list[Path], manifest: Path, work: Path) -> list:
+    """Downstream detectors on every generator's pairs (one comparison run)."""
+    from anomaly_factory.detectors.run import run_detectors
+    from anomaly_factory.manifest import read_pairs, write_pairs
+
+    merged = pd.concat([read_pairs(p) for p in all_pairs], ignore_index=True)
+    path = write_pairs(merged.sort_values("key").reset_index(drop=True), work / "all_pairs.parquet")
+    import json
+
+    out = json.loads(run_detectors(cfg, path, manifest, work / "detect").read_text())
+    table = pd.DataFrame(out["rows"])
+    rows = []
+    for (category, gen), part in table.groupby(["category", "generator"]):
+        row: dict[str, Any] = {"category": category, "generator": gen}
+        for metric in DETECT_METRICS:
+            values = part[metric].dropna() if metric in part else pd.Series(dtype=float)
+            row[metric] = float(values.iloc[0]) if len(values) else float("nan")
+        rows.append(row)
+    return rows
+
+
+def sample_grid(all_pairs: dict[str, Path], out: Path, per_type: int = 2) -> Path:
+    """normal | mask overlay (red) | generated, ``per_type`` rows per generator and type."""
+    from anomaly_factory.images import read_mask, read_rgb
+
+    rows = []
+    for _gen, path in all_pairs.items():
+        pairs = pd.read_parquet(path)
+        for _, part in pairs.groupby(["category", "anomaly_type"]):
+            for _, r in part.head(per_type).iterrows():
+                image = read_rgb(r["image_path"], 128)
+                normal = read_rgb(r["normal_path"], 128)
+                mask = read_mask(r["mask_path"], 128)
+                overlay = normal.copy()
+                overlay[mask] = (0.4 * overlay[mask] + [153, 0, 0]).astype(np.uint8)
+                rows.append(np.concatenate([normal, overlay, image], 1))
+    grid = np.concatenate(rows, 0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=None, help="dataset folder (default: demo)")
+    ap.add_argument("--dataset", default="demo", help="demo | mvtec_ad | mvtec_3d_ad | visa")
+    ap.add_argument("--categories", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--generators", default=",".join(GENERATORS))
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--n-pairs", type=int, default=0, help="pairs per type (default: profile's)")
+    ap.add_argument("--work", type=Path, default=Path("bench/results/quality"))
+    ap.add_argument("--no-detect", action="store_true", help="skip the downstream detectors")
+    args = ap.parse_args()
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work_config(args, work)
+    manifest = ingest_source(cfg, args, work)
+    gens = [g for g in args.generators.split(",") if g]
+    if args.dataset != "demo" and "oracle" in gens:
+        print("oracle: demo dataset only, skipped")
+        gens.remove("oracle")
+    pairs: dict[str, Path] = {}
+    timing: dict[str, float] = {}
+    for gen in gens:
+        pairs[gen], timing[gen] = generate(cfg, gen, manifest, work)
+    types = [row for gen in gens for row in type_rows(cfg, gen, pairs[gen], manifest)]
+    types.sort(key=lambda r: (r["type"], gens.index(r["generator"])))
+    report(f"quality_{args.dataset}_types", types, work / "types.json", timing_s=timing)
+    detect = [] if args.no_detect else detect_rows(cfg, list(pairs.values()), manifest, work)
+    if detect:
+        print()
+        report(f"quality_{args.dataset}_detect", detect, work / "detect.json")
+    grid = sample_grid(pairs, work / "samples.png")
+    print(f"\nsample grid: {grid}\ngeneration seconds: {timing}")
+
+
+if __name__ == "__main__":
+    main()
