@@ -77,13 +77,13 @@ class SplitSection(Section):
 class TinyModelSection(Section):
     """Shapes of the small inpainting model built from configs for CPU runs."""
 
-    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
+    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
     vae_channels: list[PositiveInt] = Field(
-        default_factory=lambda: [32, 64],
+        default_factory=lambda: [16, 32, 32],
         description="One block per entry; the latent is 2^(n-1) times smaller than the image",
     )
     unet_cross_attention: list[bool] | None = Field(
-        default_factory=lambda: [False, True, False],
+        default=None,
         description="Per UNet level, whether it has cross-attention blocks; None: every level "
         "but the deepest (SD's layout). Attention at the full latent grid dominates CPU time",
     )
@@ -99,11 +99,6 @@ class TinyModelSection(Section):
     vocab_words: list[str] = Field(
         default_factory=list,
         description="Extra whole-word tokens; the prompt's words are always in the vocabulary",
-    )
-    base: Literal["bundled", "pretrain"] = Field(
-        default="bundled",
-        description="bundled: the shipped base (anomaly_factory/assets/tiny_inpaint, built by "
-        "scripts/build_tiny_base.py); pretrain: pretrain one per category on its train images",
     )
     seed: int = 0
     pretrain_vae_steps: Annotated[int, Field(ge=0)] = 100
@@ -527,12 +522,14 @@ class PairChecksSection(Section):
         default=0.9, description="Mask placement: share of mask pixels on the normal's object"
     )
     memorisation_min: NonNegative | None = Field(
-        default=1.5,
+        default=2.0,
         description="No memorisation: least distance (0-255) of the defect crop to every "
         "few-shot defect crop of the type (and their flips / 90-degree turns)",
     )
     crop_size: Annotated[int, Field(ge=8)] = Field(
-        default=32, description="Side the defect crops are compared at (memorisation)"
+        default=32,
+        description="Side defect crops of different shapes are compared at (memorisation); "
+        "crops of one shape are compared pixel for pixel",
     )
     duplicate_iou_min: Fraction | None = Field(
         default=0.9, description="Near-duplicate: mask IoU at least this ..."

@@ -108,7 +108,11 @@ def generate(cfg: FactoryConfig, gen: str, manifest: Path, work: Path) -> tuple[
             from anomaly_factory.generators.magic.finetune import finetune
 
             checkpoint = finetune(
-                cfg, manifest, category, anomaly_type, work / "checkpoints" / category / anomaly_type
+                cfg,
+                manifest,
+                category,
+                anomaly_type,
+                work / "checkpoints" / category / anomaly_type,
             )
         parts.append(
             get_generator(gen)(

@@ -106,3 +106,56 @@ def test_folder_source_skips_rejected_and_is_seeded(tmp_path):
     assert [m.tobytes() for m in again] == keys
     with pytest.raises(FileNotFoundError, match="masks.folder"):
         M.FolderMaskSource(tmp_path / "nope", cfg, 0, "c", "t")
+
+
+def _scratch(size: int = 1024, width: int = 6) -> np.ndarray:
+    import cv2
+
+    m = np.zeros((size, size), np.uint8)
+    cv2.line(m, (120, 200), (880, 690), 1, width)
+    return m > 0
+
+
+@pytest.mark.parametrize("width", [1, 6])
+def test_thin_scratches_survive_the_generator_resolution(width):
+    """A 6-px scratch of a 1024-px screw image at the mask generator's 32 px: nearest
+    sampling kept at most a few pixels, so the generator learnt empty masks."""
+    import cv2
+
+    small = M.resize_mask(_scratch(width=width), 32)
+    n_parts = cv2.connectedComponents(small.astype(np.uint8))[0] - 1
+    print(f"{width}-px scratch at 32 px: {int(small.sum())} cells, {n_parts} component(s)")
+    assert small.sum() >= 20 and n_parts == 1
+    blob = np.zeros((1024, 1024), bool)
+    blob[300:600, 200:650] = True  # blobs keep their area (half-covered cells)
+    assert M.resize_mask(blob, 32).mean() == pytest.approx(blob.mean(), abs=0.01)
+
+
+def test_fewshot_thin_masks_train_the_generator(tmp_path):
+    """fewshot_masks at the generator's resolution keep every thin few-shot defect."""
+    import pandas as pd
+
+    from anomaly_factory.manifest import write_images
+
+    rows = []
+    for i in range(3):
+        save_png(tmp_path / f"{i}_mask.png", _scratch(width=4 + i).astype(np.uint8) * 255)
+        save_png(tmp_path / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+        rows.append(
+            {
+                "dataset": "mvtec_ad",
+                "category": "screw",
+                "anomaly_type": "scratch_neck",
+                "split": "fewshot",
+                "image_path": str(tmp_path / f"{i}.png"),
+                "mask_path": str(tmp_path / f"{i}_mask.png"),
+                "xyz_path": None,
+                "width": 1024,
+                "height": 1024,
+                "channels": 3,
+                "sha256": str(i),
+            }
+        )
+    write_images(pd.DataFrame(rows), tmp_path / "manifest.parquet")
+    train, _ = M.fewshot_masks(tmp_path / "manifest.parquet", "screw", "scratch_neck", 32)
+    assert train.shape == (3, 32, 32) and all(m.sum() >= 20 for m in train)

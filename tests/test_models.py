@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_TINY = {
     "vae_channels": [8, 16, 16],
     "unet_channels": [16, 32],
+    "unet_cross_attention": None,
     "norm_num_groups": 8,
     "text_hidden_size": 32,
     "cross_attention_dim": 32,
@@ -189,3 +190,61 @@ def test_bad_tiny_shapes_name_the_field():
 def test_tokenizer_rejects_words_it_cannot_spell():
     with pytest.raises(ValueError, match="only"):
         build_tokenizer(["sks", "défaut"])
+
+
+def test_inpaint_masks_mix_boxes_and_thin_strokes():
+    from anomaly_factory.generators.magic.models import random_inpaint_masks
+
+    masks = random_inpaint_masks(32, 32, 0.5, torch.Generator().manual_seed(0))
+    assert masks.shape == (32, 1, 32, 32)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    areas = masks.mean((1, 2, 3))
+    assert (areas > 0).all() and areas.min() < 0.05 < areas.max()  # thin strokes and boxes
+
+
+def test_mask_weighted_loss_matches_a_hand_computed_weighting():
+    from diffusers import DDPMScheduler
+
+    from anomaly_factory.generators.magic.models import inpainting_loss, latent_mask
+
+    torch.manual_seed(0)
+    cfg = FactoryConfig()
+    pipe = build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    lat = torch.randn(2, 4, 16, 16)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 8:24, 8:40] = 1
+    cond = torch.randn(1, 77, cfg.model.tiny.cross_attention_dim)
+
+    def loss(w: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            return inpainting_loss(pipe.unet, sched, lat, masks, lat, cond, g, w)
+
+    g = torch.Generator().manual_seed(1)  # the same draws by hand: noise, then timesteps
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    m = latent_mask(masks, 16)
+    with torch.no_grad():
+        pred = pipe.unet(
+            torch.cat([sched.add_noise(lat, noise, t), m, lat], 1),
+            t,
+            encoder_hidden_states=cond.expand(2, -1, -1),
+        ).sample
+    err = (pred - noise) ** 2
+    weight = 1 + 9 * m
+    assert torch.allclose(loss(1.0), err.mean(), rtol=1e-5)
+    assert torch.allclose(loss(10.0), (weight * err).mean() / weight.mean(), rtol=1e-5)
+
+
+def test_cross_attention_levels_are_chosen_per_level_and_checked():
+    from anomaly_factory.generators.magic.models import build_tiny_unet
+
+    tiny = TinyModelSection(unet_cross_attention=[False, True, False])
+    unet = build_tiny_unet(tiny, 16)
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    default = build_tiny_unet(TinyModelSection(), 16)  # SD's layout: all but the deepest
+    assert default.config.down_block_types[:2] == ("CrossAttnDownBlock2D",) * 2
+    with pytest.raises(ValueError, match="unet_cross_attention: 2 entries for 3 levels"):
+        build_tiny_unet(TinyModelSection(unet_cross_attention=[True, False]), 16)

@@ -103,7 +103,7 @@ def test_failing_pairs_make_the_version_unpublishable(
 
 
 def test_drop_publishes_only_passing_pairs_and_keeps_the_count(
-    candidates, demo_manifest_path, tiny_config, tmp_path, context
+    candidates, demo_manifest_path, tmp_path, context
 ) -> None:
     cfg = drop_config()
     pairs = mixed(candidates, {"rust": 2}, tmp_path)  # 3 of 5 pass: enough

@@ -68,6 +68,10 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show live progress")] = True,
 ) -> None:
     """Run the whole factory for one dataset version; exit 1 if any gate fails."""
+    # A cold machine needs longer than Prefect's 20 s to migrate the ephemeral
+    # server's database (the first `run` failed on it); and no telemetry offline.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from anomaly_factory.layout import RunLayout, default_version
     from flows.factory import factory
 

@@ -41,7 +41,10 @@ def gate_catalogue(
                 via = "foreground border_color (fallback: cama.foreground is model)"
             via += "; objects only, not cama.outside_object_types"
         elif b.check == "no_memorisation":
-            via = f"masked defect crops at {pc.crop_size} px vs the type's few-shot crops"
+            via = (
+                "masked defect crops vs the few-shot ones (8 orientations): pixel for pixel, "
+                f"or at {pc.crop_size} px when their shapes differ"
+            )
         threshold = f"{b.column} >= {b.min_value:g}" if b.enabled else None
         off = None if b.enabled else f"gates.pair_checks threshold for {b.column} is null"
         out.append(_entry(b.check, "pair", threshold, via, off))

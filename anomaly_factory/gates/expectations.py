@@ -362,6 +362,15 @@ def _run_checkpoint(
     return checkpoint.run(batch_parameters={"dataframe": df})
 
 
+def _short(value: Any) -> str:
+    """A value as a reason quotes it: numbers to 4 significant digits, no numpy reprs."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _attribute(result: Any, table: str) -> list[CheckOutcome]:
     """Per expectation, the failing types with a short reason quoting example rows."""
     outcomes = []
@@ -372,7 +381,9 @@ def _attribute(result: Any, table: str) -> list[CheckOutcome]:
             rows = (r.result or {}).get("unexpected_index_list") or []
             per_type: dict[str, list[str]] = {}
             for row in rows:
-                values = {k: v for k, v in row.items() if k not in ("type_id", "key")}
+                values = ", ".join(
+                    f"{k}={_short(v)}" for k, v in row.items() if k not in ("type_id", "key")
+                )
                 label = row.get("key", row.get("type_id"))
                 per_type.setdefault(str(row.get("type_id")), []).append(f"{label}: {values}")
             failed = {

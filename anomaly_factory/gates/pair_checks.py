@@ -99,20 +99,17 @@ def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     K1 = 0.01, K2 = 0.03, data range 255: scikit-image's ``structural_similarity``
     with ``gaussian_weights=True, use_sample_covariance=False``.
     """
-    x, y = a.astype(np.float64), b.astype(np.float64)
-    if x.ndim == 2:
-        x, y = x[..., None], y[..., None]
+    planes = [np.atleast_3d(v).transpose(2, 0, 1).astype(np.float64) for v in (a, b)]
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
-    maps = []
-    for ch in range(x.shape[2]):
-        xc, yc = np.ascontiguousarray(x[..., ch]), np.ascontiguousarray(y[..., ch])
+    total = np.zeros(planes[0].shape[1:])
+    for xc, yc in zip(*planes, strict=True):
         ux, uy = _gauss(xc), _gauss(yc)
         vx = _gauss(xc * xc) - ux * ux
         vy = _gauss(yc * yc) - uy * uy
         vxy = _gauss(xc * yc) - ux * uy
         num = (2 * ux * uy + c1) * (2 * vxy + c2)
-        maps.append(num / ((ux**2 + uy**2 + c1) * (vx + vy + c2)))
-    return np.mean(maps, axis=0)
+        total += num / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    return total / len(planes[0])
 
 
 def ssim_region(mask: np.ndarray, dilation_px: int) -> np.ndarray:
@@ -160,10 +157,14 @@ def pixel_checks(
     """Background-kept and anomaly-present values of one pair (uint8 HxWx3, bool mask)."""
     mask = np.asarray(mask, bool)
     outside = outside_region(mask, dilation_px)
-    inside = mean_change(image, normal, mask)
-    out = mean_change(image, normal, outside)
+    diff = image.astype(np.float32) - normal.astype(np.float32)  # one pass for all three
+    change = np.abs(diff).mean(axis=2)
+    out_diff = diff[outside]
+    mse = float(np.mean(np.square(out_diff, dtype=np.float64))) if out_diff.size else math.nan
+    inside = float(change[mask].mean(dtype=np.float64)) if mask.any() else math.nan
+    out = float(change[outside].mean(dtype=np.float64)) if outside.any() else math.nan
     return {
-        "bg_psnr": psnr(image, normal, outside),
+        "bg_psnr": math.inf if mse == 0 else 10.0 * math.log10(DATA_RANGE**2 / mse),
         "bg_ssim": ssim(image, normal, ssim_region(mask, dilation_px)),
         "change_inside": inside,
         "change_outside": out,
@@ -251,13 +252,40 @@ def defect_crop(
     )
 
 
-def masked_crop(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
-    """The defect pixels only (background zeroed before resizing), as float32 size x size x 4:
-    RGB premultiplied by coverage, then the coverage."""
-    crop, cover = defect_crop(
-        np.where(np.asarray(mask, bool)[..., None], image, 0), mask, size, MEMORISATION_CONTEXT
-    )
-    return np.concatenate([crop, cover[..., None]], axis=2)
+def masked_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The defect pixels only, at their own resolution: float32 H x W x 4 (RGB zero off the
+    mask, then the mask), cut at the mask's box plus a symmetric margin of
+    ``MEMORISATION_CONTEXT`` of its longer side.
+
+    Whole-pixel margins on both sides keep the crop exact under moves by whole pixels,
+    flips and 90-degree turns (a turned defect gives the turned crop).
+    """
+    mask = np.asarray(mask, bool)
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise ValueError("masked_crop: empty mask")
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    m = math.ceil(MEMORISATION_CONTEXT * max(y1 - y0, x1 - x0))
+    rgba = np.concatenate(
+        [np.where(mask[..., None], image[..., :3], 0), mask[..., None] * 255], axis=2
+    ).astype(np.float32)
+    out = np.zeros((y1 - y0 + 2 * m, x1 - x0 + 2 * m, 4), np.float32)
+    h, w = mask.shape
+    sy0, sy1, sx0, sx1 = max(y0 - m, 0), min(y1 + m, h), max(x0 - m, 0), min(x1 + m, w)
+    out[sy0 - (y0 - m) : sy1 - (y0 - m), sx0 - (x0 - m) : sx1 - (x0 - m)] = rgba[sy0:sy1, sx0:sx1]
+    out[..., 3] /= 255
+    return out
+
+
+def _square(crop: np.ndarray, size: int) -> np.ndarray:
+    """A crop centred on a square canvas, resized to ``size`` (defects of different shapes)."""
+    h, w = crop.shape[:2]
+    side = max(h, w)
+    canvas = np.zeros((side, side, crop.shape[2]), np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = crop
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(canvas, (size, size), interpolation=interp)
 
 
 def dihedral(crop: np.ndarray) -> list[np.ndarray]:
@@ -266,19 +294,28 @@ def dihedral(crop: np.ndarray) -> list[np.ndarray]:
     return turns + [t[:, ::-1] for t in turns]
 
 
-def crop_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean |a - b| (0-255, over RGB) over the union of two masked crops' coverage."""
+def crop_distance(a: np.ndarray, b: np.ndarray, size: int = 32) -> float:
+    """Mean |a - b| (0-255, over RGB) over the union of two masked crops' masks.
+
+    Crops of one shape are compared pixel for pixel, at their own resolution, so a copy
+    is 0 and a fresh defect of the same shape differs by its own texture and noise;
+    crops of different shapes are compared on square canvases resized to ``size``.
+    """
+    if a.shape != b.shape:
+        a, b = _square(a, size), _square(b, size)
     union = np.maximum(a[..., 3], b[..., 3]) > 0.5
     if not union.any():
         return math.nan
     return float(np.abs(a[..., :3] - b[..., :3]).mean(axis=2)[union].mean())
 
 
-def nearest_distance(crop: np.ndarray, references: list[np.ndarray]) -> tuple[float, int]:
+def nearest_distance(
+    crop: np.ndarray, references: list[np.ndarray], size: int = 32
+) -> tuple[float, int]:
     """Distance to the nearest reference crop and its index (NaN, -1 with no references)."""
     if not references:
         return math.nan, -1
-    d = [crop_distance(crop, r) for r in references]
+    d = [crop_distance(crop, r, size) for r in references]
     i = int(np.nanargmin(d)) if not all(math.isnan(v) for v in d) else -1
     return (d[i], i) if i >= 0 else (math.nan, -1)
 
@@ -422,7 +459,7 @@ def as_trained(
 
 
 def fewshot_crops(
-    images: pd.DataFrame, type_id: str, size: int, shape: tuple[int, int] | None = None
+    images: pd.DataFrame, type_id: str, shape: tuple[int, int] | None = None
 ) -> tuple[list[np.ndarray], list[str]]:
     """Masked defect crops of the type's few-shot images in all 8 orientations, with the
     source path of each: at native size and, when ``shape`` is given, also at that size
@@ -438,7 +475,7 @@ def fewshot_crops(
         for img, m in versions:
             if not m.any():
                 continue
-            variants = dihedral(masked_crop(img, m, size))
+            variants = dihedral(masked_crop(img, m))
             crops += variants
             sources += [str(r.image_path)] * len(variants)
     return crops, sources
@@ -471,9 +508,9 @@ def _check_type_rows(
             else:
                 rec["placement"] = f"foreground_{status}"
         if mask.shape not in references:  # pairs of a type usually share one size
-            references[mask.shape] = fewshot_crops(images, type_id, s.crop_size, mask.shape)
+            references[mask.shape] = fewshot_crops(images, type_id, mask.shape)
         shots, shot_sources = references[mask.shape]
-        distance, i = nearest_distance(masked_crop(image, mask, s.crop_size), shots)
+        distance, i = nearest_distance(masked_crop(image, mask), shots, s.crop_size)
         rec["fewshot_distance"] = distance
         rec["nearest_fewshot"] = shot_sources[i] if i >= 0 else None
         prints.append(fingerprint(image, mask))

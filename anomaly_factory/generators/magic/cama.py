@@ -55,6 +55,7 @@ from anomaly_factory.generators.magic.foreground import (
     iou,
     object_foreground,
 )
+from anomaly_factory.images import resize_mask_keep_thin
 
 INPAINT_RADIUS = 3  # px: OpenCV's usual neighbourhood for Telea inpainting
 
@@ -129,13 +130,9 @@ def _centroid(mask: np.ndarray) -> tuple[float, float]:
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a bool mask to ``(H, W)`` by area coverage >= 0.5, keeping thin masks non-empty."""
-    h, w = size
-    if mask.shape == (h, w):
-        return mask.copy()
-    cover = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
-    out = cover >= 0.5
-    return out if out.any() or not mask.any() else cover > 0
+    """Resize a bool mask to ``(H, W)``: area coverage >= 0.5, thin parts kept whole
+    (:func:`anomaly_factory.images.resize_mask_keep_thin`)."""
+    return resize_mask_keep_thin(mask, size)
 
 
 def remove_defect(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

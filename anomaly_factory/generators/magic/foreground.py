@@ -33,10 +33,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from anomaly_factory.config import CamaSection
 
 ForegroundMethod = Literal["border_color", "otsu", "grabcut", "model"]
 FOREGROUND_METHODS: tuple[str, ...] = ("border_color", "otsu", "grabcut", "model")
@@ -169,7 +172,7 @@ class SegmenterOptions:
     trust_remote_code: bool = False
 
     @classmethod
-    def from_section(cls, section) -> SegmenterOptions:
+    def from_section(cls, section: CamaSection) -> SegmenterOptions:
         """From a :class:`~anomaly_factory.config.CamaSection`."""
         return cls(
             resolution=section.foreground_model_resolution,

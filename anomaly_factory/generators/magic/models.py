@@ -545,29 +545,16 @@ def load_base_pipeline(
     pretrained tiny model (built and pretrained on its ``train`` images if not cached)."""
     if cfg.model.preset == "sd2_inpainting":
         return from_folder(cfg.model.pretrained, cfg.model, cfg.generate.scheduler)
-    if cfg.model.tiny.base == "bundled":
-        return from_folder(bundled_base(cfg), cfg.model, cfg.generate.scheduler)
     if category is None or manifest_path is None:
         raise ValueError("model.preset 'tiny' needs a category and an image manifest to pretrain")
     folder = pretrained_tiny_pipeline(cfg, category, Path(manifest_path))
     return from_folder(folder, cfg.model, cfg.generate.scheduler)
 
 
-def bundled_base(cfg: FactoryConfig) -> Path:
-    """The shipped tiny base snapshot, checked against ``model.tiny``'s shapes."""
-    from anomaly_factory.generators.magic.tiny_base import bundled_folder, check_shapes
-
-    folder = bundled_folder()
-    check_shapes(cfg, folder)
-    return folder
-
-
 def base_model_id(cfg: FactoryConfig, category: str | None, manifest_path: Path | None) -> str:
     """What identifies the base weights: the hub id / folder, or the tiny cache folder."""
     if cfg.model.preset == "sd2_inpainting":
         return cfg.model.pretrained
-    if cfg.model.tiny.base == "bundled":
-        return str(bundled_base(cfg))
     if category is None or manifest_path is None:
         raise ValueError("model.preset 'tiny' needs a category and an image manifest")
     return str(tiny_cache_dir(cfg, category, Path(manifest_path)))

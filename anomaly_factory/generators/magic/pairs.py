@@ -36,6 +36,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,23 @@ def make_aligner(cfg: FactoryConfig, category: str, anomaly_type: str) -> Aligne
 
 
 class ImageCache:
-    """Images and reference masks of one run at model resolution, each read once.
+    """Images and reference masks of one run at model resolution, each decoded once.
 
-    Pairs draw their normal and reference images from small pools, so on
-    1024-px datasets re-decoding them per pair dominated the run (issue 16).
+    Every pair draws a reference from the type's few ``fewshot`` images, so without
+    it a run decoded the same full-resolution files once per pair. The most
+    recently used ``max_items`` images are kept (about 100 MB at 512 px).
     """
 
-    def __init__(self, manifest_path: Path, size: int):
-        self.manifest_path, self.size = manifest_path, size
-        self._rgb: dict[str, np.ndarray] = {}
-        self._masks: dict[str, np.ndarray] = {}
+    def __init__(self, manifest_path: Path | None, size: int, max_items: int = 128):
+        self.manifest_path, self.size, self.max_items = manifest_path, size, max_items
+        self._rgb: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _remember(self, store: OrderedDict, key: str, value: np.ndarray) -> np.ndarray:
+        store[key] = value
+        if len(store) > self.max_items:
+            store.popitem(last=False)
+        return value
 
     def _path(self, path: str) -> Path:
         from anomaly_factory.generators.magic.models import resolve_path
@@ -107,18 +115,20 @@ class ImageCache:
 
     def rgb(self, path: str) -> np.ndarray:
         """RGB uint8 at ``size`` x ``size`` (bicubic, as the pipeline's image processor)."""
-        if path not in self._rgb:
-            self._rgb[path] = read_rgb(self._path(path), self.size, "bicubic")
-        return self._rgb[path]
+        if path in self._rgb:
+            self._rgb.move_to_end(path)
+            return self._rgb[path]
+        return self._remember(self._rgb, path, read_rgb(self._path(path), self.size, "bicubic"))
 
     def mask(self, path: str) -> np.ndarray:
         """A ground-truth mask at ``size`` x ``size``, thin defects kept (area coverage)."""
         from anomaly_factory.generators.magic.cama import resize_mask
 
-        if path not in self._masks:
-            full = read_mask(self._path(path), source="dataset")
-            self._masks[path] = resize_mask(full, (self.size, self.size))
-        return self._masks[path]
+        if path in self._masks:
+            self._masks.move_to_end(path)
+            return self._masks[path]
+        full = read_mask(self._path(path), source="dataset")
+        return self._remember(self._masks, path, resize_mask(full, (self.size, self.size)))
 
 
 def pair_seed(cfg: FactoryConfig, category: str, anomaly_type: str, index: int) -> int:
@@ -153,7 +163,9 @@ def _settings(cfg: FactoryConfig, category: str, anomaly_type: str, ckpt_hash: s
         "category": category,
         "anomaly_type": anomaly_type,
         "checkpoint_hash": ckpt_hash,
-        "generate": cfg.generate.model_dump(mode="json", exclude={"n_pairs", "out_dir"}),
+        "generate": cfg.generate.model_dump(
+            mode="json", exclude={"n_pairs", "out_dir", "gpp_mismatch"}
+        ),
         "masks": cfg.masks.model_dump(mode="json", exclude={"n_masks"}),
         "model": cfg.model.model_dump(mode="json", exclude={"cache_dir", "device"}),
         "cama": cfg.cama.model_dump(mode="json"),
