@@ -401,6 +401,12 @@ class Blip2Section(Section):
         description="'tiny' (random, from config) or a Hugging Face id / local folder",
     )
     seed: int = 0
+    features: Literal["auto", "multimodal", "image_only"] = Field(
+        default="auto",
+        description="Q-Former features: 'multimodal' (queries attend the image and the text; "
+        "needs the Q-Former text path of an ITM checkpoint), 'image_only' (queries attend the "
+        "image; what BLIP-2 OPT / Flan-T5 checkpoints have), or 'auto' (from the checkpoint)",
+    )
     tiny: TinyBlip2Section = Field(default_factory=TinyBlip2Section)
 
 
@@ -425,7 +431,10 @@ class AdapterSection(Section):
     drop_image: Fraction = 0.05
     drop_both: Fraction = 0.05
     scope: Literal["category", "all"] = Field(
-        default="category", description="Few-shot images of the target category, or of all"
+        default="category",
+        description="category: one adapter per category, on its few-shot images; all: one "
+        "adapter on every category's, trained once and shared by the categories that share "
+        "a base model (sd2_inpainting; the tiny preset pretrains one base per category)",
     )
     checkpoint_every: PositiveInt = 20
     seed: int = 0
@@ -438,6 +447,26 @@ class AdapterSection(Section):
         return self
 
 
+class CompositeSection(Section):
+    """How the generated image is put back on its normal image (``generators/composite.py``).
+
+    The 9-channel inpainting UNet repaints the whole image and diffusers restores the
+    unmasked pixels only with ``padding_mask_crop``, so without a composite the normal
+    region goes through a VAE round trip."""
+
+    method: Literal["paste_back", "blurred_mask", "none"] = Field(
+        default="paste_back",
+        description="paste_back (MAGIC's feathered paste: exact beyond feather_px + 1 px), "
+        "blurred_mask (the public AnomalyControl code: Gaussian-blurred mask), or none",
+    )
+    feather_px: Annotated[int, Field(ge=0)] = Field(
+        default=3, description="paste_back: alpha falls from 1 at the mask to 0 over this many px"
+    )
+    blur_sigma: Positive = Field(
+        default=5.0, description="blurred_mask: Gaussian sigma in px (public code: 5 at 512 px)"
+    )
+
+
 class AnomalyControlSection(Section):
     """AnomalyControl (arXiv 2412.06510): CSM + ASEA + SGA on MAGIC's inpainting backbone."""
 
@@ -447,8 +476,19 @@ class AnomalyControlSection(Section):
         default="a photo of a {category} with a {anomaly_type} defect",
         description="Reference text when none is given; {category} and {anomaly_type} filled in",
     )
+    captions: Path | None = Field(
+        default=None,
+        description="Per-image reference texts (csv or jsonl with image_path, text; e.g. "
+        "MVTec-Caption); images without one use text_template. None: text_template only",
+    )
     asea: ASEASection = Field(default_factory=ASEASection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
+    mask_source: Literal["fewshot", "masks"] = Field(
+        default="fewshot",
+        description="Target masks: the target type's few-shot masks, or the masks: section "
+        "(MAGIC's mask generator, or masks.folder); --masks DIR overrides both",
+    )
+    composite: CompositeSection = Field(default_factory=CompositeSection)
     scale: NonNegative = Field(default=1.0, description="lambda of Attn(text) + lambda Attn(sem)")
     strength: Annotated[float, Field(gt=0, le=1)] = 0.7
     steps: PositiveInt = 20

@@ -14,6 +14,8 @@ from anomaly_factory.generators.anomalycontrol.asea import (
 )
 from anomaly_factory.generators.anomalycontrol.csm import load_blip2, patch_mask
 
+from .blip2_checkpoints import save_itm
+
 
 @pytest.fixture(scope="module")
 def encoder():
@@ -78,3 +80,33 @@ def test_empty_mask_is_an_error(encoder, reference) -> None:
     image, mask, text = reference
     with pytest.raises(ValueError, match="empty"):
         optimise_prompt(encoder, image, np.zeros_like(mask), text, steps=1, lr=0.1)
+
+
+def test_prompt_cache_keys_on_encoder_weights_not_name(encoder, reference, tmp_path) -> None:
+    """Two ``tiny`` encoders of different seeds share a name; each gets its own prompt."""
+    image, mask, text = reference
+    section = ASEASection(steps=2, lr=0.1)
+    other = load_blip2(Blip2Section(pretrained="tiny", seed=1))
+    assert other.name == encoder.name and other.weights_hash != encoder.weights_hash
+    asea_prompt(encoder, image, mask, text, section, tmp_path)
+    cached = asea_prompt(other, image, mask, text, section, tmp_path)
+    fresh = optimise_prompt(other, image, mask, text, section.steps, section.lr)
+    assert torch.equal(cached.prompt, fresh.prompt)
+    assert len(list((tmp_path / "asea").glob("*.safetensors"))) == 2
+
+
+def test_prompt_cache_follows_a_folder_whose_weights_change(reference, tmp_path) -> None:
+    image, mask, text = reference
+    section = ASEASection(steps=2, lr=0.1)
+    folder, cache = tmp_path / "blip2", tmp_path / "cache"
+    save_itm(folder, seed=0)
+    first = load_blip2(Blip2Section(pretrained=str(folder)))
+    asea_prompt(first, image, mask, text, section, cache)
+    again = load_blip2(Blip2Section(pretrained=str(folder)))
+    assert again.weights_hash == first.weights_hash  # same weights: the cache still hits
+    save_itm(folder, seed=1)  # the folder's weights change, its name does not
+    changed = load_blip2(Blip2Section(pretrained=str(folder)))
+    cached = asea_prompt(changed, image, mask, text, section, cache)
+    fresh = optimise_prompt(changed, image, mask, text, section.steps, section.lr)
+    assert torch.equal(cached.prompt, fresh.prompt)
+    assert len(list((cache / "asea").glob("*.safetensors"))) == 2

@@ -134,7 +134,7 @@ def test_background_kept_and_defect_changed(cfg, demo_manifest_path, workdir):
             outside.append(_psnr(img[~mask], normal[~mask]))
             inside_change.append(float(diff[mask].mean()))
             if paste:
-                from anomaly_factory.generators.magic.sampler import feather_alpha
+                from anomaly_factory.generators.composite import feather_alpha
 
                 far = feather_alpha(mask, 2) == 0
                 far_equal.append(bool(np.array_equal(img[far], normal[far])))

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.generators import composite as C
 from anomaly_factory.generators.magic import sampler as S
 from anomaly_factory.generators.magic.gpp import anomaly_token_positions
 from anomaly_factory.generators.magic.models import build_tiny_pipeline
@@ -149,14 +150,14 @@ def test_mgni_is_per_position_ddim_eta(pipe):
 def test_feather_alpha_and_paste_back():
     mask = np.zeros((16, 16), bool)
     mask[6:10, 6:10] = True
-    alpha = S.feather_alpha(mask, 3)
+    alpha = C.feather_alpha(mask, 3)
     assert np.all(alpha[mask] == 1)
     assert alpha[8, 10] == pytest.approx(0.75) and alpha[8, 12] == pytest.approx(0.25)
     assert np.all(alpha[:, 14:] == 0) and np.all(alpha[:2] == 0)
-    assert np.array_equal(S.feather_alpha(mask, 0), mask.astype(np.float32))
+    assert np.array_equal(C.feather_alpha(mask, 0), mask.astype(np.float32))
     gen = np.random.default_rng(0).random((1, 16, 16, 3))
     normal = np.random.default_rng(1).random((1, 16, 16, 3))
-    out = S.paste_back(gen, normal, [mask], 3)
+    out = C.paste_back(gen, normal, [mask], 3)
     assert np.array_equal(out[0][mask], gen[0][mask])
     assert np.array_equal(out[0][alpha == 0], normal[0][alpha == 0])
 
@@ -166,7 +167,7 @@ def test_paste_back_keeps_normal_region_exact(pipe, inputs):
     opts = S.SamplerOptions(steps=2, paste_back=True, feather_px=2)
     out = S.magic_inpaint(pipe, images, masks, seeds, PROMPT, opts)
     for b in range(2):
-        far = S.feather_alpha(masks[b], 2) == 0
+        far = C.feather_alpha(masks[b], 2) == 0
         np.testing.assert_allclose(out[b][far], images[b][far] / 255.0, atol=1e-6)
 
 

@@ -86,13 +86,19 @@ def test_only_adapter_parameters_train() -> None:
     assert not ({id(p) for p in params} - proj_ids) & base_ids
 
 
-def test_weights_load_with_diffusers_ip_adapter_loader(tmp_path, features) -> None:
-    """Our layout is IP-Adapter's: diffusers' ``load_ip_adapter`` gives the same output."""
+def _trained_pipe(n_tokens: int):
+    """A pipeline with SGA moved away from its initialisation, so comparisons mean something."""
     pipe = _pipe()
-    sga.install_adapter(pipe.unet, FEATURE_DIM, n_tokens=4)
-    with torch.no_grad():  # move away from the initialisation so the check means something
+    sga.install_adapter(pipe.unet, FEATURE_DIM, n_tokens=n_tokens)
+    with torch.no_grad():
         for p in sga.adapter_parameters(pipe.unet):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return pipe
+
+
+def test_weights_load_with_diffusers_ip_adapter_loader(tmp_path, features) -> None:
+    """Our layout is IP-Adapter's: diffusers' ``load_ip_adapter`` gives the same output."""
+    pipe = _trained_pipe(n_tokens=4)
     state = sga.adapter_state_dict(pipe.unet)
     save_file(state, str(tmp_path / "sga.safetensors"))
     ours = _run(pipe, sga.semantic_embeds(features, guidance=True))
@@ -111,3 +117,24 @@ def test_weights_load_with_diffusers_ip_adapter_loader(tmp_path, features) -> No
     with pytest.raises(ValueError, match="shape"):
         bad = dict(state, **{"image_proj.proj.bias": torch.zeros(3)})
         sga.load_adapter_state_dict(fresh.unet, bad)
+
+
+@pytest.mark.parametrize(("n_tokens", "loader"), [(4, "load_ip_adapter"), (2, "install_adapter")])
+def test_adapter_weights_load_through_diffusers_with_four_tokens(
+    tmp_path, features, n_tokens, loader
+) -> None:
+    """Generation loads 4-token weights with ``pipe.load_ip_adapter`` and sets lambda with
+    ``pipe.set_ip_adapter_scale``; other token counts keep the custom install."""
+    pipe = _trained_pipe(n_tokens)
+    save_file(sga.adapter_state_dict(pipe.unet), str(tmp_path / "adapter.safetensors"))
+    pipe.set_ip_adapter_scale(0.6)
+    ours = _run(pipe, sga.semantic_embeds(features, guidance=True))
+
+    other = _pipe()
+    how = sga.load_adapter_weights(
+        other, tmp_path / "adapter.safetensors", FEATURE_DIM, n_tokens, scale=0.6
+    )
+    assert how == loader
+    assert all(p.scale == [0.6] for p in sga.adapter_processors(other.unet).values())
+    theirs = _run(other, sga.semantic_embeds(features, guidance=True))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -25,13 +25,40 @@ def generate(
         str | None, typer.Option(help="magic | anomalycontrol | perlin | cutpaste; default: config")
     ] = None,
     reference_text: Annotated[
-        str | None, typer.Option(help="Reference text (AnomalyControl only)")
+        str | None,
+        typer.Option(
+            help="Text of the text-image reference prompt, given to BLIP-2 with the reference "
+            "image; also the target prompt when --prompt is not given (AnomalyControl only)"
+        ),
     ] = None,
     reference_category: Annotated[
         str | None, typer.Option(help="Reference category (AnomalyControl only)")
     ] = None,
     reference_type: Annotated[
         str | None, typer.Option(help="Reference anomaly type (AnomalyControl only)")
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="Targeted text prompt: what the diffusion model is asked to make; default: "
+            "--reference-text, else the target type's template (AnomalyControl only)"
+        ),
+    ] = None,
+    reference_image: Annotated[
+        Path | None,
+        typer.Option(help="Any reference anomaly image; needs --reference-mask (AnomalyControl)"),
+    ] = None,
+    reference_mask: Annotated[
+        Path | None,
+        typer.Option(help="Its defect mask, white (> 127) = defect (AnomalyControl only)"),
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--masks",
+            help="Folder of target masks (white = defect) instead of the few-shot masks "
+            "(AnomalyControl only)",
+        ),
     ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
@@ -71,6 +98,10 @@ def generate(
                 reference_text=reference_text,
                 reference_category=reference_category,
                 reference_type=reference_type,
+                prompt=prompt,
+                reference_image=reference_image,
+                reference_mask=reference_mask,
+                masks=masks,
                 **kwargs,
             )
     except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -62,6 +62,32 @@ def pair_metadata(
     }
 
 
+def reference_metadata(
+    *,
+    reference_text: str,
+    target_prompt: str,
+    reference_image: str,
+    reference_mask: str,
+    reference_category: str,
+    reference_type: str,
+) -> dict[str, Any]:
+    """The columns of a pair generated from a reference (AnomalyControl's cross-modal
+    reference), to pass to :func:`pair_metadata` beside its own.
+
+    ``reference_text`` is the text given to the vision-language model with the
+    reference image (and mask); ``target_prompt`` is what the diffusion model was
+    asked to make. They differ in non-matching transfers (AnomalyControl §4.4).
+    """
+    return {
+        "reference_text": reference_text,
+        "target_prompt": target_prompt,
+        "reference_image": reference_image,
+        "reference_mask": reference_mask,
+        "reference_category": reference_category,
+        "reference_type": reference_type,
+    }
+
+
 def record_path(out_dir: Path, key: str) -> Path:
     return Path(out_dir) / "records" / f"{key}.json"
 

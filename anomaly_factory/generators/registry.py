@@ -15,6 +15,8 @@ detectors, shards and flows treat them alike::
         reference_text: str | None = None,      # AnomalyControl only
         reference_category: str | None = None,  # AnomalyControl only
         reference_type: str | None = None,      # AnomalyControl only
+        **options,                    # AnomalyControl: prompt, reference_image, reference_mask,
+                                      # masks; the other generators accept and ignore them
     ) -> Path                         # the pairs.parquet path
 
 Entries are import paths, resolved lazily so that choosing a generator imports

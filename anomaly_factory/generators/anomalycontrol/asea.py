@@ -7,7 +7,10 @@ patches inside the reference's anomaly mask, so the semantic features describe
 the anomaly rather than the object around it. The loss is ``-log(mass)``, with
 ``mass`` the attention weight on in-mask patches averaged over layers, heads and
 queries. Each reference's prompt is cached on disk, keyed by a hash of the
-image, mask, text and settings.
+encoder's weights (``Blip2Encoder.weights_hash``, not its name: another seed of
+``tiny`` or a folder whose weights changed must not reuse a prompt), the image,
+mask, text and settings. With image-only Q-Former features the text does not
+enter the Q-Former, and the prompt optimises the queries' attention alone.
 """
 
 from __future__ import annotations
@@ -91,14 +94,19 @@ def optimise_prompt(
 def cache_key(
     encoder: Blip2Encoder, image: np.ndarray, mask: np.ndarray, text: str, section: ASEASection
 ) -> str:
-    """Hash of everything the prompt depends on: model, image, mask, text, steps, lr."""
+    """Hash of everything the prompt depends on: encoder weights, image, mask, text, steps, lr."""
     h = hashlib.sha256()
     img = np.ascontiguousarray(np.asarray(image))
     msk = np.ascontiguousarray(np.asarray(mask) > 0)
     for arr in (img, msk):
         h.update(json.dumps([list(arr.shape), str(arr.dtype)]).encode())
         h.update(arr.tobytes())
-    settings = {"model": encoder.name, "text": text, "steps": section.steps, "lr": section.lr}
+    settings = {
+        "encoder": encoder.weights_hash,
+        "text": text,
+        "steps": section.steps,
+        "lr": section.lr,
+    }
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
 

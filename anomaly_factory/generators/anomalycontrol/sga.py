@@ -12,21 +12,28 @@ CSM's trained projection (features -> ``n_tokens`` semantic tokens). The
 pipeline's ``ip_adapter_image_embeds`` argument then carries the mean-pooled
 Q-Former features, and ``set_ip_adapter_scale`` sets lambda. Only these modules
 train. Weights are kept in IP-Adapter's layout (``image_proj.*``,
-``ip_adapter.<id>.to_{k,v}_ip.weight``), so with 4 tokens diffusers'
-``load_ip_adapter`` reads them too.
+``ip_adapter.<id>.to_{k,v}_ip.weight``); with 4 tokens (the public code's) trained
+weights are loaded by diffusers' own ``load_ip_adapter`` (:func:`load_adapter_weights`),
+which builds its projection with 4 tokens; other token counts use
+:func:`install_adapter` + :func:`load_adapter_state_dict`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from safetensors.torch import load_file
 from torch import nn
 
 from anomaly_factory.generators.anomalycontrol.csm import semantic_projection
 
 PROCESSOR_SUFFIX = ".processor"
+# diffusers' load_ip_adapter reads an ``image_proj.proj`` layout as ImageProjection with 4 tokens
+IP_ADAPTER_TOKENS = 4
 
 
 def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
@@ -99,12 +106,6 @@ def adapter_parameters(unet: UNet2DConditionModel) -> list[nn.Parameter]:
     return params
 
 
-def set_adapter_scale(unet: UNet2DConditionModel, scale: float) -> None:
-    """lambda of every SGA layer (the pipeline's ``set_ip_adapter_scale`` does the same)."""
-    for proc in adapter_processors(unet).values():
-        proc.scale = [scale]
-
-
 def adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """SGA weights in IP-Adapter's flat layout (cross-attention ids 1, 3, 5, ...)."""
     proj = projection_layer(unet)
@@ -141,6 +142,29 @@ def load_adapter_state_dict(unet: UNet2DConditionModel, state: dict[str, torch.T
         for i, proc in enumerate(adapter_processors(unet).values()):
             proc.to_k_ip[0].weight.copy_(state[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"])
             proc.to_v_ip[0].weight.copy_(state[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"])
+
+
+def load_adapter_weights(
+    pipe: DiffusionPipeline, path: Path, feature_dim: int, n_tokens: int, scale: float
+) -> str:
+    """Put trained SGA weights (``path``, IP-Adapter layout) into ``pipe`` at lambda ``scale``.
+
+    With :data:`IP_ADAPTER_TOKENS` tokens diffusers' ``load_ip_adapter`` does it (no image
+    encoder: the pipeline gets ``ip_adapter_image_embeds``); other counts install the
+    adapter here. Returns which path loaded it (``load_ip_adapter`` or ``install_adapter``).
+    """
+    path = Path(path)
+    if n_tokens == IP_ADAPTER_TOKENS:
+        pipe.load_ip_adapter(
+            str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None
+        )
+        how = "load_ip_adapter"
+    else:
+        install_adapter(pipe.unet, feature_dim, n_tokens)
+        load_adapter_state_dict(pipe.unet, load_file(str(path)))
+        how = "install_adapter"
+    pipe.set_ip_adapter_scale(scale)
+    return how
 
 
 def semantic_embeds(

@@ -8,10 +8,24 @@ BLIP-2 features condition the UNet, which learns the inpainting objective
 outside the anomaly mask. Text, image or both are dropped 5% of the time each
 (empty prompt / zero features), so classifier-free guidance works at inference.
 
+The reference text of an image is its caption when ``anomalycontrol.captions``
+has one (as the official code's MVTec-Caption sentences), else the template of its
+type; it is also the prompt the UNet sees in training.
+
+``adapter.scope: category`` trains one adapter per category on its few-shot
+images (folder ``<category>-<digest>``); ``all`` trains one on every category's,
+once (folder ``all-<digest>``, no category in the key): every category whose base
+model is the same (SD2 inpainting) finds it. The tiny preset pretrains one base
+per category, so there each base gets its own ``all-`` folder.
+
 Output: ``<dir>/adapter.safetensors`` (IP-Adapter layout, see ``sga.py``) and
-``<dir>/adapter.json`` (settings, step, loss). Checkpoints every
-``checkpoint_every`` steps save the optimiser moments too, and per-step seeds
-derive from (seed, step), so an interrupted run resumes where it stopped.
+``<dir>/adapter.json`` (settings, step, loss, BLIP-2 weights and feature path).
+Checkpoints every ``checkpoint_every`` steps save the optimiser moments too, and
+per-step seeds derive from (seed, step), so an interrupted run resumes where it
+stopped. The moments are kept in safetensors rather than through accelerate's
+``save_state``: the loop runs without an ``Accelerator`` (one device, float32),
+``save_state`` pickles the optimiser and RNG states, and the RNG state is not
+needed because every step's generator is derived from (seed, step).
 """
 
 from __future__ import annotations
@@ -31,12 +45,20 @@ from safetensors.torch import load_file, save_file
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.generators.anomalycontrol.asea import enhanced_features
-from anomaly_factory.generators.anomalycontrol.csm import Blip2Encoder, load_blip2, load_references
+from anomaly_factory.generators.anomalycontrol.captions import Captions, read_captions
+from anomaly_factory.generators.anomalycontrol.csm import (
+    TEXT_FROM_TEMPLATE,
+    Blip2Encoder,
+    Reference,
+    load_blip2,
+    load_references,
+)
 from anomaly_factory.generators.anomalycontrol.sga import (
     adapter_parameters,
     adapter_state_dict,
     install_adapter,
     load_adapter_state_dict,
+    load_adapter_weights,
 )
 from anomaly_factory.generators.magic import models
 from anomaly_factory.io import atomic_path, atomic_write_json
@@ -63,26 +85,42 @@ class TrainingData:
 
 
 # --------------------------------------------------------------------------- identity
-def checkpoint_dir(cfg: FactoryConfig, manifest_path: Path, category: str) -> Path:
-    """``anomalycontrol.out_dir/<category>-<hash of base model, settings and data>``."""
+def load_captions(cfg: FactoryConfig) -> Captions | None:
+    """``anomalycontrol.captions`` read, or None when not configured."""
+    path = cfg.anomalycontrol.captions
+    return read_captions(path) if path is not None else None
+
+
+def checkpoint_dir(
+    cfg: FactoryConfig, manifest_path: Path, category: str, blip2_weights: str
+) -> Path:
+    """``anomalycontrol.out_dir/<category or all>-<hash>``: the hash covers the base
+    model, settings, BLIP-2 weights (``Blip2Encoder.weights_hash``), captions and the
+    few-shot data; with ``scope: all`` it holds no category, so categories share it."""
     ac = cfg.anomalycontrol
+    captions = load_captions(cfg)
     df = read_images(manifest_path)
-    if ac.adapter.scope == "category":
+    scope = ac.adapter.scope
+    if scope == "category":
         df = df[df["category"] == category]
     shas = sorted(df.loc[df["split"] == "fewshot", "sha256"].tolist())
     key = {
         "format": FORMAT,
+        "scope": scope,
+        "category": category if scope == "category" else None,
         "base": models.base_model_id(cfg, category, Path(manifest_path)),
         "resolution": cfg.model.resolution,
         "blip2": ac.blip2.model_dump(mode="json"),
+        "blip2_weights": blip2_weights,
         "asea": ac.asea.model_dump(mode="json", exclude={"cache"}),
         "adapter": ac.adapter.model_dump(mode="json", exclude={"checkpoint_every"}),
         "n_tokens": ac.n_tokens,
         "text_template": ac.text_template,
+        "captions": captions.digest if captions is not None else None,
         "data": shas,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(ac.out_dir) / f"{category}-{digest}"
+    return Path(ac.out_dir) / f"{category if scope == 'category' else 'all'}-{digest}"
 
 
 def read_meta(folder: Path) -> dict:
@@ -113,19 +151,39 @@ def training_categories(cfg: FactoryConfig, manifest_path: Path, category: str) 
     return sorted(df.loc[df["split"] == "fewshot", "category"].unique().tolist())
 
 
+def training_references(
+    cfg: FactoryConfig, manifest_path: Path, category: str, captions: Captions | None = None
+) -> list[Reference]:
+    """The few-shot anomaly images the adapter trains on, each its own reference, with
+    its caption as reference text when ``captions`` has one (else its type's template)."""
+    ac = cfg.anomalycontrol
+    refs = []
+    for cat in training_categories(cfg, manifest_path, category):
+        refs += load_references(
+            manifest_path, cat, None, cfg.model.resolution, ac.text_template, captions=captions
+        )
+    if captions is not None:
+        fallback = [r.image_path for r in refs if r.text_source == TEXT_FROM_TEMPLATE]
+        if fallback:
+            log.warning(
+                "captions %s: %d of %d few-shot images have no caption, using "
+                "anomalycontrol.text_template for them (e.g. %s)",
+                captions.path,
+                len(fallback),
+                len(refs),
+                fallback[:3],
+            )
+    return refs
+
+
 @torch.no_grad()
 def prepare_data(
     cfg: FactoryConfig,
     pipe: StableDiffusionInpaintPipeline,
     encoder: Blip2Encoder,
-    manifest_path: Path,
-    category: str,
+    refs: list[Reference],
 ) -> TrainingData:
     ac = cfg.anomalycontrol
-    res = cfg.model.resolution
-    refs = []
-    for cat in training_categories(cfg, manifest_path, category):
-        refs += load_references(manifest_path, cat, None, res, ac.text_template)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     images = torch.stack([torch.from_numpy(r.image.copy()).permute(2, 0, 1) for r in refs])
     images = (images.float() / 127.5 - 1.0).to(device, dtype)
@@ -228,14 +286,26 @@ def train_adapter(
     ac = cfg.anomalycontrol
     a = ac.adapter
     manifest_path = Path(manifest_path)
-    out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir(cfg, manifest_path, category)
-    if is_complete(out_dir):
-        return out_dir
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "float32"})})
     device = models.resolve_device(cfg.model)
     encoder = encoder or load_blip2(ac.blip2, device)
+    if out_dir is None:
+        out_dir = checkpoint_dir(cfg, manifest_path, category, encoder.weights_hash)
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        return out_dir
+    captions = load_captions(cfg)
+    refs = training_references(cfg, manifest_path, category, captions)
     pipe = prepare_pipeline(cfg, manifest_path, category, encoder.feature_dim)
-    data = prepare_data(cfg, pipe, encoder, manifest_path, category)
+    data = prepare_data(cfg, pipe, encoder, refs)
+    provenance = {
+        "blip2_weights": encoder.weights_hash,
+        "blip2_features": encoder.features,
+        "captions": str(captions.path) if captions is not None else None,
+        "captions_sha256": captions.digest if captions is not None else None,
+        "categories": sorted({r.category for r in refs}),
+        "n_references": len(refs),
+    }
     params = adapter_parameters(pipe.unet)
     for p in params:
         p.requires_grad_(True)
@@ -260,10 +330,10 @@ def train_adapter(
         loss = loss.detach()
         done = step + 1
         if done % a.checkpoint_every == 0 and done < a.steps:
-            _save(out_dir, cfg, pipe, opt, done, float(loss), complete=False)
+            _save(out_dir, cfg, pipe, opt, done, float(loss), complete=False, provenance=provenance)
     pipe.unet.eval()
     log.info("SGA training: %d steps in %.1fs", a.steps - start, time.perf_counter() - t0)
-    _save(out_dir, cfg, pipe, None, a.steps, float(loss), complete=True)
+    _save(out_dir, cfg, pipe, None, a.steps, float(loss), complete=True, provenance=provenance)
     return out_dir
 
 
@@ -275,6 +345,7 @@ def _save(
     step: int,
     loss: float,
     complete: bool,
+    provenance: dict | None = None,
 ) -> None:
     """Weights, optimiser moments (partial runs only), then the JSON meta last."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -310,6 +381,7 @@ def _save(
         "text_template": ac.text_template,
         "resolution": cfg.model.resolution,
         "preset": cfg.model.preset,
+        **(provenance or {}),
     }
     atomic_write_json(folder / META_FILE, meta)
 
@@ -335,8 +407,23 @@ def _resume(folder: Path, pipe: StableDiffusionInpaintPipeline, opt: torch.optim
     return int(meta["step"])
 
 
+def load_trained_pipeline(
+    cfg: FactoryConfig, manifest_path: Path, category: str, folder: Path, feature_dim: int
+) -> tuple[StableDiffusionInpaintPipeline, str]:
+    """The base pipeline with a finished adapter loaded (:func:`sga.load_adapter_weights`:
+    diffusers' ``load_ip_adapter`` for 4 tokens) at lambda ``anomalycontrol.scale``;
+    also which loader was used."""
+    ac = cfg.anomalycontrol
+    pipe = models.load_base_pipeline(cfg, category, manifest_path)
+    pipe.set_progress_bar_config(disable=True)
+    how = load_adapter_weights(
+        pipe, Path(folder) / ADAPTER_FILE, feature_dim, ac.n_tokens, ac.scale
+    )
+    return pipe, how
+
+
 def load_adapter(pipe: StableDiffusionInpaintPipeline, folder: Path) -> dict:
-    """Load trained SGA weights into a pipeline that has the adapter installed; return meta."""
+    """Load SGA weights into a pipeline that has the adapter installed (resuming); return meta."""
     meta = read_meta(folder)
     state = load_file(str(Path(folder) / ADAPTER_FILE))
     load_adapter_state_dict(pipe.unet, state)

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from scipy.ndimage import distance_transform_edt
 
 from anomaly_factory.config import GenerateSection
+from anomaly_factory.generators.composite import paste_back
 from anomaly_factory.generators.magic.gpp import gaussian_prompt_perturbation
 from anomaly_factory.generators.magic.masks import derive_seed
 from anomaly_factory.generators.magic.sag import sag_schedule, spatially_adaptive_guidance
@@ -211,23 +211,6 @@ def perturb_conditional(
         for b, s in enumerate(seeds)
     ]
     return torch.cat(rows)
-
-
-def feather_alpha(mask: np.ndarray, feather_px: int) -> np.ndarray:
-    """Blend weight of the generated image: 1 on the mask, linear to 0 over ``feather_px`` px."""
-    mask = np.asarray(mask, bool)
-    if feather_px == 0 or not mask.any():
-        return mask.astype(np.float32)
-    dist = distance_transform_edt(~mask)
-    return np.clip(1.0 - dist / (feather_px + 1), 0.0, 1.0).astype(np.float32)
-
-
-def paste_back(
-    generated: np.ndarray, normal: np.ndarray, masks: list[np.ndarray], feather_px: int
-) -> np.ndarray:
-    """``alpha * generated + (1 - alpha) * normal`` per image, (B, H, W, 3) floats in [0, 1]."""
-    alpha = np.stack([feather_alpha(m, feather_px) for m in masks])[..., None]
-    return alpha * generated + (1 - alpha) * normal
 
 
 def _to_pil(images: list[np.ndarray] | np.ndarray, masks: list[np.ndarray]):
