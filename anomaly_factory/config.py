@@ -12,12 +12,25 @@ import copy
 import hashlib
 import json
 import os
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from anomaly_factory.errors import InputError
 
 DEFAULT_PROFILE = "tiny"
 CONFIG_ENV = "ANOMALY_FACTORY_CONFIG"
@@ -28,10 +41,41 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+def _scalar_types(annotation: Any) -> set[type]:
+    """The scalar types a field annotation accepts (through Annotated, unions, Optional)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in typing.get_args(annotation)))
+    if origin is Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    return {annotation} if isinstance(annotation, type) else set()
+
+
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, values are validated on assignment."""
+    """Base of every section: unknown keys are errors, values are validated on assignment.
+
+    Numbers are strict: a boolean (``n_pairs: true``) or a string is never a number, and
+    an integer field takes no float, where pydantic's lax mode would convert them.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        accepted = _scalar_types(cls.model_fields[info.field_name].annotation)
+        numbers = accepted & {int, float}
+        if not numbers:
+            return value
+        if isinstance(value, bool) and bool not in accepted:
+            raise PydanticCustomError("strict_number", "a boolean where a number is expected")
+        if isinstance(value, str) and str not in accepted:
+            raise PydanticCustomError("strict_number", "a string where a number is expected")
+        if isinstance(value, float) and numbers == {int}:
+            raise PydanticCustomError("strict_number", "not an integer")
+        return value
 
 
 # --------------------------------------------------------------------------- datasets
@@ -51,6 +95,11 @@ class DatasetsSection(Section):
     root: Path = Path("data/raw")
     manifest_dir: Path = Path("data/manifests")
     on_bad_input: Literal["fail", "quarantine"] = "fail"
+    alpha: Literal["refuse", "composite"] = Field(
+        default="refuse",
+        description="Images with transparent pixels: refuse them (named) or composite them "
+        "over black",
+    )
     items: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(name="demo")])
 
 
@@ -77,13 +126,23 @@ class SplitSection(Section):
 class TinyModelSection(Section):
     """Shapes of the small inpainting model built from configs for CPU runs."""
 
+    base: Literal["bundled", "scratch"] = Field(
+        default="bundled",
+        description="bundled: start from the pretrained tiny base shipped in "
+        "anomaly_factory/assets/tiny_inpaint (built by scripts/build_tiny_base.py, the "
+        "tiny stand-in for SD2's pretraining); scratch: random weights. Either way the "
+        "pretrain_* steps then train on the category's normal images",
+    )
     unet_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
     vae_channels: list[PositiveInt] = Field(
-        default_factory=lambda: [16, 32, 32],
+        default_factory=lambda: [16, 32, 64],
         description="One block per entry; the latent is 2^(n-1) times smaller than the image",
     )
+    vae_mid_attention: bool = Field(
+        default=False, description="Self-attention in the VAE's middle block (SD's VAE has it)"
+    )
     unet_cross_attention: list[bool] | None = Field(
-        default=None,
+        default_factory=lambda: [False, True, True],
         description="Per UNet level, whether it has cross-attention blocks; None: every level "
         "but the deepest (SD's layout). Attention at the full latent grid dominates CPU time",
     )
@@ -101,11 +160,13 @@ class TinyModelSection(Section):
         description="Extra whole-word tokens; the prompt's words are always in the vocabulary",
     )
     seed: int = 0
-    pretrain_vae_steps: Annotated[int, Field(ge=0)] = 100
-    pretrain_unet_steps: Annotated[int, Field(ge=0)] = 150
-    pretrain_lr: Positive = 3e-3
+    pretrain_vae_steps: Annotated[int, Field(ge=0)] = 0
+    pretrain_unet_steps: Annotated[int, Field(ge=0)] = 40
+    pretrain_lr: Positive = 1e-3
     pretrain_batch_size: PositiveInt = 8
-    pretrain_kl_weight: NonNegative = 1e-6
+    pretrain_crop: PositiveInt | None = Field(
+        default=64, description="VAE pretraining on random crops of this size (None: whole)"
+    )
     pretrain_prompt: str = Field(default="", description="Prompt of the inpainting pretraining")
     pretrain_mask_max: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.5, description="Largest side of a random pretraining mask, as an image fraction"
@@ -118,7 +179,7 @@ class ModelSection(Section):
         default="stabilityai/stable-diffusion-2-inpainting",
         description="Hugging Face id or local diffusers folder (sd2_inpainting preset)",
     )
-    resolution: PositiveInt = 64
+    resolution: PositiveInt = 128
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cache_dir: Path = Path("data/models")
@@ -740,6 +801,11 @@ class PublishSection(Section):
     retry_backoff_s: NonNegative = Field(
         default=1.0, description="First wait between object attempts; doubles each time"
     )
+    lease_ttl_s: Positive = Field(
+        default=900.0,
+        description="A publisher's lease on its version expires this long after its last "
+        "renewal (a killed publisher's lease frees after this; it renews every quarter)",
+    )
     dvc: bool | Literal["auto"] = Field(
         default="auto",
         description="publish also runs dvc add/commit + dvc push; auto = when in a DVC repo",
@@ -813,13 +879,42 @@ class FactoryConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_metrics_possible(self) -> FactoryConfig:
+        """Combinations that leave the gates nothing to measure."""
+        from anomaly_factory.metrics.kid import MIN_SUBSET
+
+        if self.generate.n_pairs < MIN_SUBSET:
+            raise ValueError(
+                f"generate.n_pairs: {self.generate.n_pairs} leaves KID and IC-LPIPS nothing to "
+                f"measure (they need >= {MIN_SUBSET} pairs per type)"
+            )
+        if self.gates.kid.subset_size < MIN_SUBSET:
+            raise ValueError(
+                f"gates.kid.subset_size: {self.gates.kid.subset_size} is not >= {MIN_SUBSET} "
+                "(the unbiased KID divides by m(m-1))"
+            )
+        if self.gates.mask_area_min >= self.gates.mask_area_max:
+            raise ValueError(
+                f"gates.mask_area_min: {self.gates.mask_area_min} is not < gates.mask_area_max "
+                f"{self.gates.mask_area_max} (no pair could pass)"
+            )
+        if any(d.name == "demo" for d in self.datasets.items):
+            fewshot = int(self.demo.n_per_type * self.split.fewshot_fraction)
+            if fewshot < 1:
+                raise ValueError(
+                    f"demo.n_per_type: {self.demo.n_per_type} with split.fewshot_fraction "
+                    f"{self.split.fewshot_fraction} gives no few-shot image per anomaly type"
+                )
+        return self
+
     def hash(self) -> str:
         """Stable hash of the resolved values (excluding the profile name)."""
         data = self.model_dump(mode="json", exclude={"profile"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, with one line per offending field."""
 
 
@@ -873,12 +968,38 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parents[1] / "pipelines.yaml"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML
+    silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (line {line}; first on line {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     path = Path(path) if path is not None else default_config_path()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -896,8 +1017,10 @@ def resolve(raw: dict[str, Any], profile: str | None = None) -> FactoryConfig:
     profiles = raw.get("profiles") or {}
     if not isinstance(profiles, dict):
         raise ConfigError(f"profiles: {profiles!r} is not a mapping")
-    profile = profile or base.pop("profile", None) or DEFAULT_PROFILE
-    base.pop("profile", None)
+    named = base.pop("profile", None)
+    if named is not None and (not isinstance(named, str) or named not in available_profiles(raw)):
+        raise ConfigError(f"profile: {named!r} is not one of {available_profiles(raw)}")
+    profile = profile or named or DEFAULT_PROFILE
     if profile != DEFAULT_PROFILE and profile not in profiles:
         raise ConfigError(f"profile: {profile!r} is not one of {available_profiles(raw)}")
     override = profiles.get(profile) or {}
@@ -944,6 +1067,6 @@ def validate_all_profiles(path: str | os.PathLike[str] | None = None) -> list[st
             resolve(raw, name)
         except ConfigError as exc:
             errors.append(str(exc))
-    if errors:
-        raise ConfigError("\n".join(errors))
+    if errors:  # an error of the shared sections shows up once, not once per profile
+        raise ConfigError("\n".join(dict.fromkeys(errors)))
     return names

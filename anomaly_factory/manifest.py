@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.io import atomic_path
 
 SPLITS = ("train", "fewshot", "test")
@@ -55,7 +56,7 @@ PAIR_COLUMNS: dict[str, str] = {
 }
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest is missing columns or holds invalid values."""
 
 

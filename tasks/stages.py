@@ -45,6 +45,7 @@ def ingest_dataset(
         cfg.split.fewshot_fraction,
         cfg.demo,
         show_progress=False,
+        alpha=cfg.datasets.alpha,
     )
     get_run_logger().info("ingested %s: %d images -> %s", spec.name, len(result.manifest), out)
     return str(out)
@@ -110,15 +111,15 @@ def generate_type(
     """Masks -> CAMA -> generation for one type; resumable, returns pairs.parquet."""
     from anomaly_factory import progress
     from anomaly_factory.gates.publication import candidates_per_type
-    from anomaly_factory.generators.registry import get_generator
+    from anomaly_factory.generators.registry import run_generator
 
     layout = _layout(cfg_json, version, root)
     cfg = layout.cfg
-    generate = get_generator(cfg.generator)
     unit = f"{category}/{anomaly_type}"
     n = candidates_per_type(cfg)  # n_pairs, plus extras when the gates drop failing pairs
     progress.report(layout.progress, "generate", unit, 0, n)
-    pairs = generate(
+    pairs = run_generator(
+        cfg.generator,
         cfg,
         Path(manifest),
         category,

@@ -472,4 +472,4 @@ def test_generate_cli_takes_prompt_reference_files_and_masks(
             str(mask),
         ],
     )
-    assert bad.exit_code == 1 and "--reference-image" in bad.output and "no.png" in bad.output
+    assert bad.exit_code == 2 and "--reference-image" in bad.output and "no.png" in bad.output

@@ -61,7 +61,7 @@ def test_ingest_demo_default(tmp_path, monkeypatch):
 
 def test_ingest_errors_exit_nonzero(tmp_path):
     res = runner.invoke(app, ["ingest", "--dataset", "imagenet", "--manifest-out", "m.parquet"])
-    assert res.exit_code == 1 and "'imagenet' is not one of" in res.output
+    assert res.exit_code == 2 and "'imagenet' is not one of" in res.output
     res = runner.invoke(
         app,
         [
@@ -74,4 +74,4 @@ def test_ingest_errors_exit_nonzero(tmp_path):
             str(tmp_path / "m.parquet"),
         ],
     )
-    assert res.exit_code == 1 and "none" in res.output
+    assert res.exit_code == 2 and "none" in res.output and "does not exist" in res.output

@@ -79,7 +79,7 @@ def test_cli_validate_exit_codes(tmp_path):
     raw = read_config_file(REPO / "pipelines.yaml")
     raw["profiles"]["paper"]["generate"]["sag"]["w_d"] = -2
     bad = runner.invoke(app, ["config", "validate", _write(tmp_path, raw)])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2  # bad configuration
     assert "generate.sag.w_d: -2 is not > 0" in bad.output
 
 

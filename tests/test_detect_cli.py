@@ -83,5 +83,5 @@ def test_missing_pairs_file_fails_clearly(tmp_path, demo_manifest_path):
     args = ["detect", "--pairs", str(tmp_path / "nope.parquet")]
     args += ["--manifest", str(demo_manifest_path), "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "nope.parquet does not exist" in result.output

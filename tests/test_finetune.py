@@ -213,4 +213,4 @@ def test_cli_finetune_writes_a_checkpoint(cache_dir, demo_manifest_path, tmp_pat
     meta = json.loads((out / META_FILE).read_text())
     assert (meta["steps"], meta["complete"]) == (1, False)
     bad = CliRunner().invoke(app, [*args[:-2], "--out", str(out), "--anomaly-type", "nope"])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2

@@ -177,7 +177,6 @@ def test_errors_name_the_file(tmp_path):
 # Files that still open images themselves, and why.
 OTHER_READERS = {
     "images.py": "the one home",
-    "datasets/validate.py": "ingest validation decodes raw files to report corrupt ones",
     "gates/expectations.py": "the gates' owner routes it next (issue 16)",
     "reports/html.py": "the gates' owner routes it next (issue 16)",
 }

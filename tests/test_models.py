@@ -23,6 +23,7 @@ SMALL_TINY = {
     "vae_channels": [8, 16, 16],
     "unet_channels": [16, 32],
     "unet_cross_attention": None,
+    "base": "scratch",
     "norm_num_groups": 8,
     "text_hidden_size": 32,
     "cross_attention_dim": 32,
@@ -72,7 +73,7 @@ def test_tiny_pipeline_has_the_sd_inpainting_interface(tmp_path):
     assert pipe.unet.config.in_channels == 9  # latent 4 + mask 1 + masked-image latent 4
     assert pipe.unet.config.out_channels == 4
     assert pipe.vae.config.latent_channels == 4
-    assert cfg.model.resolution // pipe.vae_scale_factor in (8, 16)
+    assert cfg.model.resolution // pipe.vae_scale_factor in (8, 16, 32)
     assert pipe.tokenizer.model_max_length == 77
     ids = pipe.tokenizer("a photo of sks defect").input_ids
     assert pipe.tokenizer.convert_ids_to_tokens(ids)[1:-1] == [

@@ -183,7 +183,7 @@ def test_generate_cli(cfg, demo_manifest_path, workdir, overrides):
     assert res.exit_code == 0, res.output
     assert len(pd.read_parquet(out / "pairs.parquet")) == 2
     bad = runner.invoke(app, [*args, "--generator", "nope"])
-    assert bad.exit_code == 1 and "nope" in bad.output
+    assert bad.exit_code == 2 and "nope" in bad.output
     res = runner.invoke(
         app,
         [

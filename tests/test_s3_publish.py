@@ -13,6 +13,7 @@ from anomaly_factory.cli import app
 from anomaly_factory.io import sha256_file
 from anomaly_factory.storage.publish import publish_version
 from anomaly_factory.storage.s3 import (
+    LEASE,
     BucketNotFound,
     CredentialsError,
     PublishError,
@@ -46,16 +47,31 @@ def moto_server():
     server.stop()
 
 
-@pytest.fixture
-def aws_env(monkeypatch, tmp_path, moto_server) -> str:
+def use_moto(monkeypatch, tmp_path: Path, url: str, secret: str = SECRET) -> None:
     """Dummy credentials and the moto endpoint, through the standard AWS variables."""
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTINGKEY")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch, tmp_path):
+    """Its own moto server and a fresh bucket (moto's store outlives a server: a new name)."""
+    server, url = start_server()
+    use_moto(monkeypatch, tmp_path, url)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    make_client().create_bucket(Bucket=bucket)
+    yield bucket
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path, moto_server) -> str:
+    use_moto(monkeypatch, tmp_path, moto_server)
     return moto_server
 
 
@@ -172,7 +188,8 @@ def test_interrupted_upload_is_invisible_and_a_retry_completes_it(
         client = make_client()
         loc = S3Location(cfg.publish.bucket, "datasets/af", version)
         keys = [o["Key"] for o in client.list_objects_v2(Bucket=loc.bucket)["Contents"]]
-        assert len(keys) == 2 and not is_visible(client, loc)  # partial objects, no version
+        data = [k for k in keys if not k.endswith(LEASE)]  # the dead publisher's lease stays
+        assert len(data) == 2 and not is_visible(client, loc)  # partial objects, no version
         with pytest.raises(VersionNotFound, match="no published version"):
             pull_version(client, loc, tmp_path / "early")
         publish_version(cfg, version)
@@ -222,7 +239,7 @@ def test_missing_bucket_is_a_clear_cli_error(cfg, version, tmp_path, monkeypatch
     result = CliRunner().invoke(
         app, ["publish", "--version", version, "--bucket", "no-such-bucket", "-c", str(config)]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # the bucket named does not exist: usage
     assert "no-such-bucket" in result.output and "does not exist" in result.output
 
 
@@ -266,10 +283,10 @@ def test_cli_publish_then_pull(cfg, version, tmp_path, monkeypatch):
     assert "skipped" in said and "not in a DVC repository" in said
     forced = ["publish", "--version", version, "--dvc", "-c", str(config)]
     explicit = runner.invoke(app, forced)  # asked for DVC where there is none
-    assert explicit.exit_code == 1
+    assert explicit.exit_code == 2
     assert "not inside a DVC repository" in " ".join(explicit.output.split())
     again = runner.invoke(app, ["publish", "--version", version, "-c", str(config)])
-    assert again.exit_code == 1 and "--force" in again.output
+    assert again.exit_code == 2 and "--force" in again.output
     pulled = runner.invoke(
         app, ["pull", "--version", version, "--out", str(tmp_path / "p"), "-c", str(config)]
     )

@@ -155,8 +155,11 @@ def test_per_category_reports_are_aggregated(tmp_path, tiny_config, pairs_path, 
     assert gates["publishable"] is False and set(gates["parts"]) == {"demo/a", "demo/b"}
 
 
-def test_failed_write_leaves_no_card(tmp_path, tiny_config, pairs_path, demo_manifest_path):
+def test_failed_rewrite_keeps_the_complete_version(
+    tmp_path, tiny_config, pairs_path, demo_manifest_path
+):
     write_shards(tiny_config, pairs_path, demo_manifest_path, "v1", None, tmp_path)
+    before = {p.relative_to(tmp_path): sha256_file(p) for p in tmp_path.rglob("*") if p.is_file()}
     broken = tmp_path / "broken"
     df = pd.read_parquet(pairs_path)
     df.loc[0, "mask_path"] = str(tmp_path / "gone.png")
@@ -166,7 +169,12 @@ def test_failed_write_leaves_no_card(tmp_path, tiny_config, pairs_path, demo_man
         write_shards(
             tiny_config, broken / "pairs.parquet", demo_manifest_path, "v1", None, tmp_path
         )
-    assert read_card(tmp_path / "v1") is None
+    after = {p.relative_to(tmp_path): sha256_file(p) for p in tmp_path.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] == "v1"} == {
+        k: v for k, v in before.items() if k.parts[0] == "v1"
+    }  # the old version, card included, untouched; no staging folder left
+    assert read_card(tmp_path / "v1") is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".v1.")]
 
 
 def test_version_names_and_split_are_checked():
@@ -208,7 +216,7 @@ def test_shards_cli_accepts_folders(tmp_path, pairs_path, demo_manifest_path):
     assert result.exit_code == 0, result.output
     assert read_card(tmp_path / "v1")["publishable"] is True
     bad = CliRunner().invoke(app, [*args[:-4], "--version", "a/b", "--out", str(tmp_path)])
-    assert bad.exit_code == 1 and "version" in bad.output
+    assert bad.exit_code == 2 and "version" in bad.output
 
 
 def test_a_folder_stands_for_its_outermost_pairs_manifests(tmp_path):

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 
 def _load_rgb(path: str):
@@ -24,7 +24,7 @@ def _load_rgb(path: str):
     try:
         return read_rgb(path)
     except ImageReadError as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
 
 
 def _load_mask(path: str):
@@ -34,7 +34,7 @@ def _load_mask(path: str):
     try:
         return read_mask(path, source="dataset")
     except ImageReadError as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
 
 
 def demo_foreground(row, seed: int):
@@ -91,7 +91,7 @@ def align(
     try:
         df = read_images(manifest)
     except ManifestError as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     normals = select(df, category, GOOD, "train")
     refs = select(df, category, anomaly_type, "fewshot")
     if normals.empty:
@@ -152,4 +152,4 @@ def align(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("align")(align)
+    app.command("align", epilog=EPILOG)(align)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 
 def detect(
@@ -31,7 +31,7 @@ def detect(
     try:
         metrics_path = run_detectors(cfg, pairs, manifest, out)
     except (LeakError, ManifestError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     report = json.loads(metrics_path.read_text())
     for name, values in report["summary"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
@@ -40,4 +40,4 @@ def detect(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("detect")(detect)
+    app.command("detect", epilog=EPILOG)(detect)

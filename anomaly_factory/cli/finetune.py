@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 
 def finetune(
@@ -41,7 +41,7 @@ def finetune(
             cfg, manifest, category, anomaly_type, out, max_steps=max_steps, show_progress=True
         )
     except (ManifestError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     meta = read_meta(out_dir) or {}
     console.print(
         f"wrote {out_dir} ({meta.get('save')}, {meta.get('steps')}/{meta.get('target_steps')} "
@@ -50,4 +50,4 @@ def finetune(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune")(finetune)
+    app.command("finetune", epilog=EPILOG)(finetune)

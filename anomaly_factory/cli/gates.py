@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 
 def gates(
@@ -39,18 +40,18 @@ def gates(
     try:
         result = run_gates(cfg, pairs, manifest, out, expected_per_type)
     except (ManifestError, FeatureExtractorError, LPIPSError) as exc:
-        raise fail(str(exc), code=2) from None
+        raise fail(exc) from None
     for tid, gate in result.types.items():
-        mark = "[green]pass[/]" if gate.passed else "[red]FAIL[/]"
-        console.print(f"{mark} {tid}", highlight=False)
+        mark = ("pass", "green") if gate.passed else ("FAIL", "red")
+        console.print(Text.assemble(mark, f" {tid}"), highlight=False)
         for reason in gate.reasons:
             console.print(f"    {reason}", highlight=False, soft_wrap=True)
     for reason in result.version_reasons:
-        console.print(f"[red]version:[/] {reason}", highlight=False, soft_wrap=True)
-    verdict = "[green]publishable[/]" if result.publishable else "[red]NOT publishable[/]"
-    console.print(f"{verdict}: wrote {out}/metrics.json, gates.json, report.html")
+        console.print(Text.assemble(("version:", "red"), f" {reason}"), soft_wrap=True)
+    verdict = ("publishable", "green") if result.publishable else ("NOT publishable", "red")
+    console.print(Text.assemble(verdict, f": wrote {out}/metrics.json, gates.json, report.html"))
     raise typer.Exit(result.exit_code)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("gates")(gates)
+    app.command("gates", epilog=EPILOG)(gates)

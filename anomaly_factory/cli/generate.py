@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 
 def generate(
@@ -64,9 +64,10 @@ def generate(
     profile: ProfileOpt = None,
 ) -> None:
     """Generate anomaly/mask/normal pairs; resumes where an interrupted run stopped."""
+    from rich.markup import escape
     from rich.progress import Progress
 
-    from anomaly_factory.generators.registry import get_generator
+    from anomaly_factory.generators.registry import get_generator, run_generator
     from anomaly_factory.manifest import ManifestError
 
     cfg = get_config(config, profile)
@@ -77,17 +78,18 @@ def generate(
     if checkpoint is not None and not checkpoint.is_dir():
         raise fail(f"--checkpoint: {checkpoint} is not a folder")
     try:
-        fn = get_generator(name)
+        get_generator(name)
     except (ValueError, ImportError) as exc:
         raise fail(f"--generator: {exc}") from None
     progress = Progress(console=console, transient=True)
-    task = progress.add_task(f"{name} {category}/{anomaly_type}", total=n)
+    task = progress.add_task(escape(f"{name} {category}/{anomaly_type}"), total=n)
     kwargs = {}
     if name == "magic":  # the registry signature has no progress hook; MAGIC's has one
         kwargs["on_pair"] = lambda done, total: progress.update(task, completed=done)
     try:
         with progress:
-            path = fn(
+            path = run_generator(
+                name,
                 cfg,
                 manifest,
                 category,
@@ -105,9 +107,9 @@ def generate(
                 **kwargs,
             )
     except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     console.print(f"wrote {path}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate)
+    app.command("generate", epilog=EPILOG)(generate)

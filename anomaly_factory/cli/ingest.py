@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 
 def ingest(
@@ -48,18 +48,20 @@ def ingest(
             on_bad_input,
             cfg.split.fewshot_fraction,
             cfg.demo,
+            alpha=cfg.datasets.alpha,
         )
     except (BadInputError, SourceError, SplitLeakError, LayoutError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     df = result.manifest
     counts = df.groupby(["category", "split"]).size().unstack(fill_value=0)
     console.print(counts.to_string())
     console.print(f"wrote {manifest_out} ({len(df)} images)")
     if result.quarantine_path:
         console.print(
-            f"[yellow]quarantined {len(result.problems)} problem(s): {result.quarantine_path}[/]"
+            f"quarantined {len(result.problems)} problem(s): {result.quarantine_path}",
+            style="yellow",
         )
 
 
 def register(app: typer.Typer) -> None:
-    app.command("ingest")(ingest)
+    app.command("ingest", epilog=EPILOG)(ingest)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 MASKS_FILE = "masks.parquet"
 
@@ -48,7 +48,7 @@ def masks(
         sampled = src.masks(n, size)
         train, _ = fewshot_masks(manifest, category, anomaly_type, size)
     except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     iou = nearest_iou(sampled, train)
     rows = []
     for i, (m, v) in enumerate(zip(sampled, iou, strict=True)):
@@ -72,4 +72,4 @@ def masks(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("masks")(masks)
+    app.command("masks", epilog=EPILOG)(masks)

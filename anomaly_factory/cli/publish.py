@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import EPILOG, ConfigOpt, ProfileOpt, console, fail, get_config
 
 PULL_HELP = """Download a published version byte-exact (every file checked against its card).
 
@@ -57,7 +57,7 @@ def shards(
     try:
         index = write_shards(cfg, pairs, manifest, version, reports, out)
     except (ShardError, ManifestError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     console.print(f"wrote {index} and {index.parent / 'card.json'}")
 
 
@@ -65,7 +65,13 @@ def publish(
     version: VersionOpt,
     bucket: BucketOpt = None,
     prefix: PrefixOpt = None,
-    force: Annotated[bool, typer.Option(help="Replace an already published version")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an already published version (it stays visible, whole, until the "
+            "new one is complete)"
+        ),
+    ] = False,
     dvc: Annotated[
         bool | None,
         typer.Option(
@@ -98,7 +104,7 @@ def publish(
     try:
         done = publish_version(cfg, version, bucket, prefix, force, dvc, tag)
     except (PublishError, DVCError, ShardError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     console.print(f"published {done.uri}")
     if done.dvc_pushed:
         console.print(f"dvc push  {cfg.shards.out_dir / version}")
@@ -129,7 +135,7 @@ def pull(
         loc = S3Location(bucket, cfg.publish.prefix if prefix is None else prefix, version)
         dest = pull_version(make_client(cfg.publish.max_attempts), loc, out or cfg.shards.out_dir)
     except (PublishError, ShardError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(exc) from None
     console.print(f"pulled {loc.uri()} into {dest}")
 
 
@@ -205,8 +211,8 @@ def category_generate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("shards")(shards)
-    app.command("publish")(publish)
-    app.command("pull", help=PULL_HELP)(pull)
-    app.command("category-finetune")(category_finetune)
-    app.command("category-generate")(category_generate)
+    app.command("shards", epilog=EPILOG)(shards)
+    app.command("publish", epilog=EPILOG)(publish)
+    app.command("pull", help=PULL_HELP, epilog=EPILOG)(pull)
+    app.command("category-finetune", epilog=EPILOG)(category_finetune)
+    app.command("category-generate", epilog=EPILOG)(category_generate)

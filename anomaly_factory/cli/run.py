@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from anomaly_factory.cli._common import ConfigOpt, ProfileOpt, console, fail, get_config
+from anomaly_factory.cli._common import (
+    EPILOG,
+    ConfigOpt,
+    ProfileOpt,
+    console,
+    describe,
+    exit_code_for,
+    fail,
+    get_config,
+)
+from anomaly_factory.errors import GATES_FAILED, INFRASTRUCTURE
 
 
 def _watch(layout, stop: threading.Event) -> None:
@@ -31,8 +41,8 @@ def _watch(layout, stop: threading.Event) -> None:
     total = layout.cfg.generate.n_pairs
     bars: dict[tuple[str, str], int] = {}
     with Progress(
-        TextColumn("[bold]{task.fields[stage]:<9}"),
-        TextColumn("{task.description:<28}"),
+        TextColumn("{task.fields[stage]:<9}", style="bold", markup=False),
+        TextColumn("{task.description:<28}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -91,7 +101,8 @@ def run(
         )
     except Exception as exc:
         stop.set()
-        raise fail(f"factory run failed: {exc}") from None
+        code = exit_code_for(exc) or INFRASTRUCTURE  # a flow that crashed without a known cause
+        raise fail(f"factory run failed: {describe(exc)}", code) from None
     finally:
         stop.set()
         if progress:
@@ -103,8 +114,8 @@ def run(
         console.print(f"published {result['published']}")
     if not result["passed"]:
         failed = [t for t, ok in result["types"].items() if not ok]
-        raise fail(f"quality gates failed for: {', '.join(failed) or 'the version'}")
-    console.print("[green]all gates passed[/]")
+        raise fail(f"quality gates failed for: {', '.join(failed) or 'the version'}", GATES_FAILED)
+    console.print("all gates passed", style="green")
 
 
 def deploy(
@@ -154,6 +165,6 @@ def worker(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(run)
-    app.command("deploy")(deploy)
-    app.command("worker")(worker)
+    app.command("run", epilog=EPILOG)(run)
+    app.command("deploy", epilog=EPILOG)(deploy)
+    app.command("worker", epilog=EPILOG)(worker)

@@ -13,8 +13,9 @@ from anomaly_factory.datasets.layouts import READERS
 from anomaly_factory.datasets.sources import find_root, materialize
 from anomaly_factory.datasets.split import assign_splits, check_no_leak
 from anomaly_factory.datasets.validate import BadInputError, Problem, inspect_files
-from anomaly_factory.io import atomic_path
-from anomaly_factory.manifest import IMAGE_COLUMNS, validate_images, write_images
+from anomaly_factory.errors import InputError
+from anomaly_factory.io import TMP_SUFFIX, atomic_path, remove_stale
+from anomaly_factory.manifest import GOOD, IMAGE_COLUMNS, validate_images, write_images
 
 DATASETS = tuple(READERS)
 # What the dataset root holds; archives often wrap it in one extra folder.
@@ -38,6 +39,25 @@ def quarantine_path_for(manifest_out: Path) -> Path:
     return manifest_out.with_name(manifest_out.stem + ".quarantine.csv")
 
 
+def _groups(df: pd.DataFrame) -> set[str]:
+    """``category/type`` of every anomaly type, and ``category/good`` of train normals."""
+    kept = df[(df["anomaly_type"] != GOOD) | (df["source_split"] == "train")]
+    return set((kept["category"] + "/" + kept["anomaly_type"]).tolist())
+
+
+def check_nothing_vanished(
+    before: pd.DataFrame, after: pd.DataFrame, problems: list[Problem]
+) -> None:
+    """Quarantine may drop files, never a whole anomaly type or a category's normals."""
+    lost = sorted(_groups(before) - _groups(after))
+    if lost:
+        lines = "\n".join(f"  {p}" for p in problems)
+        raise InputError(
+            f"quarantine would remove every image of {', '.join(lost)}, so it would vanish "
+            f"from the manifest; fix or remove these files:\n{lines}"
+        )
+
+
 def ingest(
     dataset: str,
     source: str | Path | None,
@@ -49,18 +69,24 @@ def ingest(
     fewshot_fraction: float = 1 / 3,
     demo: DemoSection | None = None,
     show_progress: bool = True,
+    alpha: str = "refuse",
 ) -> IngestResult:
     """Fetch, read, validate and split a dataset, then write its manifest.
 
     With ``on_bad_input="fail"`` any problem raises :class:`BadInputError` listing
     every offending file, and nothing is written. With ``"quarantine"`` the
-    offending images are left out and listed in ``<manifest>.quarantine.csv``.
+    offending images are left out and listed in ``<manifest>.quarantine.csv``
+    (a clean run removes an older one); a quarantine that would remove a whole
+    anomaly type is an error. ``alpha`` is ``datasets.alpha``.
     """
     if dataset not in READERS:
-        raise ValueError(f"dataset: {dataset!r} is not one of {list(READERS)}")
+        raise InputError(f"dataset: {dataset!r} is not one of {list(READERS)}")
     if on_bad_input not in ("fail", "quarantine"):
-        raise ValueError(f"on_bad_input: {on_bad_input!r} is not one of ['fail', 'quarantine']")
+        raise InputError(f"on_bad_input: {on_bad_input!r} is not one of ['fail', 'quarantine']")
     root, manifest_out = Path(root), Path(manifest_out)
+    for name in (manifest_out.name, quarantine_path_for(manifest_out).name):
+        if manifest_out.parent.is_dir():  # what a killed ingest left half-written
+            remove_stale(manifest_out.parent.glob(f".{name}.*{TMP_SUFFIX}"))
     if dataset == "demo":
         d = demo or DemoSection()
         folder = Path(source) if source else root / "demo"
@@ -81,9 +107,9 @@ def ingest(
         unknown = sorted(set(categories) - set(raw["category"]))
         if unknown:
             found = sorted(set(raw["category"]))
-            raise ValueError(f"categories: {unknown} not found in {folder} (found {found})")
+            raise InputError(f"categories: {unknown} not found in {folder} (found {found})")
         raw = raw[raw["category"].isin(categories)].reset_index(drop=True)
-    inspected, problems = inspect_files(raw)
+    inspected, problems = inspect_files(raw, alpha)
     quarantine = None
     if problems:
         if on_bad_input == "fail":
@@ -91,10 +117,12 @@ def ingest(
         bad_paths = {p.path for p in problems}
         bad = inspected["image_path"].isin(bad_paths) | inspected["mask_path"].isin(bad_paths)
         bad |= inspected["xyz_path"].isin(bad_paths)
-        inspected = inspected[~bad]
+        kept = inspected[~bad]
+        check_nothing_vanished(inspected, kept, problems)
         quarantine = quarantine_path_for(manifest_out)
         with atomic_path(quarantine) as tmp:
             pd.DataFrame([p.__dict__ for p in problems]).to_csv(tmp, index=False)
+        inspected = kept
     df = assign_splits(inspected, fewshot_fraction)
     check_no_leak(df)
     columns = list(IMAGE_COLUMNS) + [c for c in df.columns if c not in IMAGE_COLUMNS]
@@ -102,4 +130,6 @@ def ingest(
         df[columns].sort_values(["category", "split", "anomaly_type", "image_path"])
     )
     write_images(df, manifest_out)
+    if quarantine is None:  # a clean run: an older run's list no longer applies
+        quarantine_path_for(manifest_out).unlink(missing_ok=True)
     return IngestResult(manifest_out, df.reset_index(drop=True), problems, quarantine)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.manifest import GOOD
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -29,7 +30,7 @@ RAW_COLUMNS = [
 ]
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """The folder does not have the layout the dataset promises."""
 
 
@@ -59,12 +60,25 @@ def _frame(records: list[dict[str, object]], root: Path, dataset: str) -> pd.Dat
 def read_mvtec_ad(
     root: Path, categories: Iterable[str] | None = None, dataset: str = "mvtec_ad"
 ) -> pd.DataFrame:
-    """``<cat>/train/good``, ``<cat>/test/<type>``, ``<cat>/ground_truth/<type>/*_mask.png``."""
+    """``<cat>/train/good``, ``<cat>/test/<type>``, ``<cat>/ground_truth/<type>/*_mask.png``.
+
+    A category folder needs both ``train/`` and ``test/``: one with only one of them is
+    a LayoutError naming it, never silently dropped.
+    """
     records = []
-    for cat_dir in sorted(p for p in Path(root).iterdir() if (p / "train").is_dir()):
+    cat_dirs = sorted(
+        p for p in Path(root).iterdir() if (p / "train").is_dir() or (p / "test").is_dir()
+    )
+    for cat_dir in cat_dirs:
         cat = cat_dir.name
         if not _keep(cat, categories):
             continue
+        for part in ("train", "test"):
+            if not (cat_dir / part).is_dir():
+                raise LayoutError(
+                    f"{cat_dir}: category {cat!r} has no {part}/ folder (MVTec layout: "
+                    "<category>/train/good, <category>/test/<type>)"
+                )
         for img in _images(cat_dir / "train" / GOOD):
             records.append(
                 _record(

@@ -6,14 +6,18 @@ Official archives move; the defaults below can be overridden per dataset in
 
 from __future__ import annotations
 
+import lzma
 import os
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,6 +27,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from anomaly_factory.errors import FactoryError, InfrastructureError, InputError
 from anomaly_factory.io import HASH_CHUNK, sha256_file
 
 
@@ -63,8 +68,16 @@ KNOWN_ARCHIVES: dict[str, ArchiveInfo] = {
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 
 
-class SourceError(RuntimeError):
-    """A dataset source could not be fetched, verified or extracted."""
+class SourceError(FactoryError, RuntimeError):
+    """A dataset source is missing, or could not be verified or extracted (exit 2)."""
+
+    exit_code = InputError.exit_code
+
+
+class DownloadError(SourceError):
+    """The source's server could not be reached or refused the download (exit 3)."""
+
+    exit_code = InfrastructureError.exit_code
 
 
 class ChecksumMismatch(SourceError):
@@ -130,9 +143,9 @@ def download(
         if exc.code == 416 and offset:  # partial file is already complete
             response = None
         else:
-            raise SourceError(f"{url}: download failed: HTTP {exc.code} {exc.reason}") from exc
+            raise DownloadError(f"{url}: download failed: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
-        raise SourceError(f"{url}: download failed: {exc.reason}") from exc
+        raise DownloadError(f"{url}: download failed: {exc.reason}") from exc
     if response is not None:
         with response:
             resumed = response.status == 206
@@ -151,7 +164,7 @@ def download(
                     disable=not show_progress,
                 ) as progress,
             ):
-                task = progress.add_task(dest.name, total=total, completed=done)
+                task = progress.add_task(escape(dest.name), total=total, completed=done)
                 while chunk := response.read(HASH_CHUNK):
                     out.write(chunk)
                     progress.advance(task, len(chunk))
@@ -183,11 +196,16 @@ def _member_filter(target: Path):
     return check
 
 
+# what a corrupt or cut-off archive raises from tarfile and its decompressors
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
 def extract(archive: Path, target: Path) -> Path:
     """Extract a tar archive into ``target``, refusing any member that escapes it.
 
-    Extraction happens in a temporary sibling folder that is renamed on success,
-    and a ``.complete`` marker makes a re-run skip it.
+    Extraction happens in a temporary sibling folder that is renamed on success (and
+    removed on failure, or by the next run after a kill), and a ``.complete`` marker
+    makes a re-run skip it. A corrupt or truncated archive is a SourceError naming it.
     """
     target = Path(target)
     marker = target / ".complete"
@@ -195,27 +213,34 @@ def extract(archive: Path, target: Path) -> Path:
         return target
     tmp = target.with_name(target.name + ".extracting")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter=_member_filter(tmp))
-    except tarfile.TarError as exc:
-        raise SourceError(f"{archive}: cannot extract: {exc}") from exc
+    except UnsafeArchiveMember:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except ARCHIVE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk, not the archive (full, read-only): exit_code_for maps it
+        raise SourceError(f"{archive}: corrupt or truncated archive: {exc}") from exc
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     marker.write_text(str(archive))
     return target
+
+
+def extraction_folder(root: Path, dataset: str, archive: Path, digest: str) -> Path:
+    """Where an archive is extracted: keyed by its content (sha256), so a different
+    archive with the same file name never reuses an older extraction."""
+    stem = archive.name.split(".")[0]
+    return Path(root) / dataset / f"{stem}-{digest[:16]}"
 
 
 def find_root(folder: Path, marker: str) -> Path:
@@ -247,13 +272,22 @@ def materialize(
         if info and sha256 is None and name == info.filename:
             sha256, algorithm = info.checksum, info.algorithm
         archive = download(source_str, root / "downloads" / name, sha256, algorithm, show_progress)
-        return extract(archive, root / dataset)
+        digest = sha256 if sha256 and algorithm == "sha256" else sha256_file(archive)
+        return extract(archive, extraction_folder(root, dataset, archive, digest.lower()))
     path = Path(source_str)
+    if not path.exists():
+        raise SourceError(
+            f"{path}: --source does not exist (give a folder, a tar archive "
+            f"({', '.join(ARCHIVE_SUFFIXES)}) or an http(s) URL)"
+        )
     if path.is_dir():
+        if sha256 is not None:
+            raise SourceError(
+                f"--sha256: checks archives and downloads only, but {path} is a folder "
+                "(drop --sha256, or pass the archive)"
+            )
         return path
     if is_archive(path):
-        if sha256 is not None:
-            verify_checksum(path, sha256)
-        stem = path.name.split(".")[0]
-        return extract(path, root / dataset / stem)
+        digest = verify_checksum(path, sha256)
+        return extract(path, extraction_folder(root, dataset, path, digest))
     raise SourceError(f"{path}: not a folder, a tar archive ({', '.join(ARCHIVE_SUFFIXES)}) or URL")

@@ -12,10 +12,11 @@ import re
 
 import pandas as pd
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.manifest import GOOD
 
 
-class SplitLeakError(ValueError):
+class SplitLeakError(InputError):
     """An image sits in two splits."""
 
 

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.images import read_mask, read_rgb, rgb_to_tensor
 from anomaly_factory.io import sha256_file
 from anomaly_factory.manifest import GOOD, select
 
 
-class LeakError(ValueError):
+class LeakError(InputError):
     """A test image would reach training, model selection or the few-shot set."""
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.gates.pair_checks import PAIR_CHECKS_FILE
 
 DROP = "drop"
 
 
-class PublicationError(ValueError):
+class PublicationError(InputError):
     """The gates' record of which pairs to publish is missing or unusable."""
 
 

@@ -30,7 +30,7 @@ from anomaly_factory.config import FactoryConfig
 from anomaly_factory.gates.decide import GateResult, decide, write_gates
 from anomaly_factory.gates.expectations import pair_table, type_id, type_table
 from anomaly_factory.gates.pair_checks import PAIR_CHECKS_FILE, as_trained, failure_counts
-from anomaly_factory.io import atomic_write_json, sha256_file
+from anomaly_factory.io import atomic_write_json, remove_stale, sha256_file, stale_temp_files
 from anomaly_factory.manifest import ManifestError, read_images
 from anomaly_factory.metrics.features import FeatureExtractor, load_extractor, load_rgb
 from anomaly_factory.metrics.ic_lpips import ic_lpips, load_lpips
@@ -281,6 +281,7 @@ def run_gates(
     from anomaly_factory.reports.html import render_report
 
     out = Path(out_dir)
+    remove_stale(stale_temp_files(out))  # what a killed gates run left half-written
     g = cfg.gates
     expected = expected_per_type if expected_per_type is not None else cfg.generate.n_pairs
     raw = read_pairs_lenient(pairs_path)

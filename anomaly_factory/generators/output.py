@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.io import atomic_write_json, save_png
 from anomaly_factory.manifest import PAIR_COLUMNS, write_pairs
 
@@ -121,6 +122,30 @@ def save_pair(
         raise ValueError(f"pair {key}: metadata lacks {missing}")
     atomic_write_json(record_path(out_dir, key), row)
     return row
+
+
+def check_existing_pairs(out_dir: Path, category: str, anomaly_type: str, n_pairs: int) -> None:
+    """A pairs folder may be resumed, not mixed: refuse one that holds pairs of another
+    (category, type) or more pairs than asked for (its manifest would hold them all)."""
+    records = sorted((Path(out_dir) / "records").glob("*.json"))
+    other, beyond = [], []
+    for path in records:
+        index = path.stem.rsplit("-", 1)[-1]
+        row = json.loads(path.read_text())
+        if (row.get("category"), row.get("anomaly_type")) != (category, anomaly_type):
+            other.append(f"{row.get('category')}/{row.get('anomaly_type')}")
+        elif not index.isdigit() or int(index) >= n_pairs:
+            beyond.append(path.stem)
+    if other:
+        raise InputError(
+            f"{out_dir}: holds pairs of {sorted(set(other))}, not {category}/{anomaly_type}; "
+            "use one folder per (category, type)"
+        )
+    if beyond:
+        raise InputError(
+            f"{out_dir}: already holds {len(records)} pairs, more than --n-pairs {n_pairs} "
+            f"(e.g. {beyond[0]}); use a new folder, or --n-pairs {len(records)} or more"
+        )
 
 
 def collect_pairs(out_dir: Path) -> pd.DataFrame:

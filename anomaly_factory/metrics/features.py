@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.images import read_rgb
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -45,7 +46,7 @@ BATCH = 16  # images per forward pass: bounded memory at 299 px on CPU
 PIXEL_STATS_VERSION = "pixel_stats-v1: rgb hist16, mean/std, grad hist16, gray 8x8"
 
 
-class FeatureExtractorError(ValueError):
+class FeatureExtractorError(InputError):
     """An extractor cannot be built (unknown name, missing or unsafe weights)."""
 
 

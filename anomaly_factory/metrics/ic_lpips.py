@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.metrics.features import as_rgb, resize, sha256_state_dict
 
 MIN_CLUSTER = 2  # a mean pairwise distance needs one pair
@@ -38,7 +39,7 @@ TRUNK_FILES = {
 }
 
 
-class LPIPSError(ValueError):
+class LPIPSError(InputError):
     """The LPIPS network cannot be built offline as configured."""
 
 

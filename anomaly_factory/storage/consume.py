@@ -22,6 +22,7 @@ from anomaly_factory.storage.s3 import (
     S3Location,
     VersionNotFound,
     make_client,
+    objects_root,
     read_remote_card,
 )
 from anomaly_factory.storage.shards import INDEX_FILE, SPLITS, check_version
@@ -67,9 +68,9 @@ def _index(
     if bucket is not None:
         loc = S3Location(bucket, prefix, version)
         client = _client()
-        read_remote_card(client, loc)  # only a visible (complete) version is read
-        body = client.get_object(Bucket=bucket, Key=loc.key(INDEX_FILE))["Body"].read()
-        return json.loads(body), loc.uri()
+        root = objects_root(read_remote_card(client, loc))  # only a visible version is read
+        body = client.get_object(Bucket=bucket, Key=loc.key(root + INDEX_FILE))["Body"].read()
+        return json.loads(body), loc.uri() + root
     version_dir = Path(root) / version
     if read_card(version_dir) is None:
         raise VersionNotFound(f"{version_dir}: no complete version there (no card.json)")

@@ -16,12 +16,21 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from anomaly_factory.errors import InfrastructureError, InputError
+
 LOCK_FILE = "anomaly-factory.lock"
 LOCK_TIMEOUT_S = 3600  # a long `dvc push` of paper-size shards must not time out the queue
 
 
-class DVCError(RuntimeError):
-    """A DVC or git operation failed."""
+class DVCError(InfrastructureError):
+    """A DVC or git operation failed (exit 3)."""
+
+
+class DVCUsageError(DVCError):
+    """DVC or git cannot do what was asked here: no repository, a bad remote, a tag
+    that exists (exit 2)."""
+
+    exit_code = InputError.exit_code
 
 
 @contextlib.contextmanager
@@ -31,7 +40,7 @@ def dvc_lock(root: Path | str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None
 
     lock_dir = Path(root) / ".dvc" / "tmp"
     if not lock_dir.parent.is_dir():
-        raise DVCError(f"{root}: not a DVC repository (no .dvc folder; run `dvc init`)")
+        raise DVCUsageError(f"{root}: not a DVC repository (no .dvc folder; run `dvc init`)")
     lock_dir.mkdir(exist_ok=True)
     with FileLock(str(lock_dir / LOCK_FILE), timeout=timeout):
         yield
@@ -53,7 +62,7 @@ def _repo(root: Path | str) -> Iterator[Any]:
 def add_s3_remote(root: Path | str, name: str, url: str, default: bool = True) -> None:
     """Configure an S3 remote (``url`` is ``s3://bucket/path``); the endpoint stays in env."""
     if not url.startswith("s3://"):
-        raise DVCError(f"remote url {url!r} is not an s3:// URL")
+        raise DVCUsageError(f"remote url {url!r} is not an s3:// URL")
     with _repo(root) as repo, repo.config.edit() as conf:
         conf["remote"][name] = {"url": url}
         if default:
@@ -133,7 +142,9 @@ def tag_version(
     """Commit the DVC metadata of a version and tag it (``git tag -a <version>``)."""
     exists = _git(root, "tag", "--list", version).strip()
     if exists and not force:
-        raise DVCError(f"git tag {version!r} already exists in {root} (use --force to move it)")
+        raise DVCUsageError(
+            f"git tag {version!r} already exists in {root} (use --force to move it)"
+        )
     _git(root, "add", "--", *[os.fspath(f) for f in files])
     if _git(root, "diff", "--cached", "--name-only").strip():
         _git(root, "commit", "-m", f"Dataset version {version}")

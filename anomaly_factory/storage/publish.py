@@ -45,19 +45,22 @@ def check_publishable(version_dir: Path, reports_dir: Path) -> dict[str, Any]:
     The files themselves are checked against the card by ``s3.checked_files``.
     """
     from anomaly_factory.storage.card import is_publishable, read_card, read_reports
-    from anomaly_factory.storage.s3 import PublishError
+    from anomaly_factory.storage.s3 import IncompleteVersion, NotPublishable
 
     card = read_card(version_dir)
     if card is None:
-        raise PublishError(f"{version_dir}: no card.json: the version is incomplete")
+        raise IncompleteVersion(
+            f"{version_dir}: no card.json: the version is incomplete "
+            "(run `anomaly-factory shards` to finish it)"
+        )
     if not is_publishable(card):
-        raise PublishError(
+        raise NotPublishable(
             f"{version_dir / 'card.json'}: gates say the version is not publishable "
             f"(gates: {card.get('gates')})"
         )
     reports = read_reports(reports_dir)
     if reports["gates"] is not None and not is_publishable(reports):
-        raise PublishError(f"{reports_dir}: gates.json says not publishable")
+        raise NotPublishable(f"{reports_dir}: gates.json says not publishable")
     return card
 
 
@@ -68,13 +71,13 @@ def _resolve(
 
     An explicit ``True`` where the shards are not in a DVC repository is an error.
     """
-    from anomaly_factory.storage.dvc_ops import DVCError
+    from anomaly_factory.storage.dvc_ops import DVCUsageError
 
     root = find_root(version_dir, ".dvc")
     skipped = ""
     if root is None:
         if dvc is True or git_tag is True:
-            raise DVCError(f"{version_dir}: not inside a DVC repository (run `dvc init`)")
+            raise DVCUsageError(f"{version_dir}: not inside a DVC repository (run `dvc init`)")
         skipped = f"{version_dir} is not in a DVC repository"
     elif git_tag == "auto" and find_root(root, ".git") is None:
         git_tag, skipped = False, f"{root} is not in a git repository"
@@ -102,11 +105,12 @@ def publish_version(
     The git tag comes last, so a tag always names a version that is on S3 and (with DVC)
     in the DVC remote. ``None`` for ``dvc``/``git_tag`` takes ``publish.dvc``/``git_tag``.
     """
+    from anomaly_factory.errors import InputError
     from anomaly_factory.storage import dvc_ops
     from anomaly_factory.storage.s3 import (
-        PublishError,
         S3Location,
         Uploader,
+        check_bucket_name,
         checked_files,
         make_client,
         publish_dir,
@@ -115,7 +119,8 @@ def publish_version(
     pub = cfg.publish
     bucket = bucket or pub.bucket
     if not bucket:
-        raise PublishError("no bucket: pass --bucket or set publish.bucket in pipelines.yaml")
+        raise InputError("no bucket: pass --bucket or set publish.bucket in pipelines.yaml")
+    check_bucket_name(bucket)
     prefix = pub.prefix if prefix is None else prefix
     layout = RunLayout(cfg, version, workspace or Path.cwd())
     version_dir = layout.shards / version
@@ -149,7 +154,13 @@ def publish_version(
         pub.retry_backoff_s,
     )
     uri = publish_dir(
-        uploader, version_dir, S3Location(bucket, prefix, version), force, on_uploaded, checked
+        uploader,
+        version_dir,
+        S3Location(bucket, prefix, version),
+        force,
+        on_uploaded,
+        checked,
+        pub.lease_ttl_s,
     )
     if root is not None and use_tag:
         dvc_ops.tag_version(root, version, tracked, force=force)

@@ -7,6 +7,21 @@ uploaded and checked, and readers (``pull``, ``load_dataset``) look for it first
 interrupted upload therefore leaves an invisible version; publishing again skips the
 objects already there intact and finishes it.
 
+**One writer per version.** A publisher first takes the version's lease, the object
+``<version>/.publish-lease.json`` written with ``If-None-Match: *``; a second publisher
+of different content fails (``LeaseHeld``, exit 3) until the first ends (or its lease
+expires after ``publish.lease_ttl_s`` without renewal, when it was killed). A rerun of
+the same content takes the lease over, so a killed publish can always be finished. The
+card itself is written conditionally too (``If-None-Match: *`` for a new version,
+``If-Match: <etag>`` of the card it replaces), so only one publisher's card can win.
+
+**Replacing a version** (``--force``) with different content uploads the new files
+under ``<version>/_g/<card sha256[:16]>/`` while the old card stays visible and its
+files untouched; the new card, naming that folder in its ``objects`` field, replaces
+the old one in one write, and only then are the old files deleted. Readers resolve
+paths through :func:`objects_root`; ``pull`` writes the card without ``objects``, so a
+pulled version is byte-identical to the published local one.
+
 Credentials, region and endpoint come from the standard AWS configuration (environment,
 ``AWS_PROFILE``, ``~/.aws``); ``AWS_ENDPOINT_URL`` selects an S3-compatible endpoint
 (boto3 reads it natively). Nothing here logs or stores a credential.
@@ -18,15 +33,20 @@ import base64
 import hashlib
 import json
 import logging
+import os
+import re
+import socket
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomaly_factory.io import atomic_write_bytes, sha256_bytes
+from anomaly_factory.errors import BAD_INPUT, GatesFailed, InfrastructureError
+from anomaly_factory.io import atomic_write_bytes, build_beside, folder_lock, sha256_bytes
 from anomaly_factory.storage.card import CARD_JSON, CARD_MD, read_card
-from anomaly_factory.storage.shards import INDEX_FILE, check_version
+from anomaly_factory.storage.shards import INDEX_FILE, check_version, clean_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +54,16 @@ SHA256_META = "sha256"  # user metadata key holding the object's hex sha256
 MISSING = {"404", "NoSuchKey", "NotFound"}
 NO_BUCKET = {"NoSuchBucket"}
 DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
+LOST_RACE = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+LEASE = ".publish-lease.json"  # the version's lease object, beside its files
+OBJECTS = "objects"  # card field: the folder of the files, when not the version's own
+GENERATIONS = "_g"  # <version>/_g/<card sha256[:16]>/: files of a replacing publication
+# the bucket names botocore accepts (S3 itself wants 3-63 lowercase letters, digits, . -)
+BUCKET_RE = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
 
 
-class PublishError(RuntimeError):
-    """A version could not be published or fetched."""
+class PublishError(InfrastructureError):
+    """A version could not be published or fetched (exit 3 unless a subclass says)."""
 
 
 class CredentialsError(PublishError):
@@ -45,19 +71,48 @@ class CredentialsError(PublishError):
 
 
 class BucketNotFound(PublishError):
-    pass
+    exit_code = BAD_INPUT
+
+
+class InvalidBucketName(PublishError):
+    exit_code = BAD_INPUT
 
 
 class VersionExists(PublishError):
-    pass
+    exit_code = BAD_INPUT
 
 
 class VersionNotFound(PublishError):
-    pass
+    exit_code = BAD_INPUT
+
+
+class IncompleteVersion(PublishError):
+    """The local version has no card, or its files differ from it (exit 2)."""
+
+    exit_code = BAD_INPUT
+
+
+class NotPublishable(PublishError, GatesFailed):
+    """The gates say no (exit 1)."""
+
+    exit_code = GatesFailed.exit_code
 
 
 class ChecksumMismatch(PublishError):
     pass
+
+
+class LeaseHeld(PublishError):
+    """Another publisher holds the version's lease, or wrote its card first (exit 3)."""
+
+
+def check_bucket_name(bucket: str) -> str:
+    if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
+        raise InvalidBucketName(
+            f"bucket: {bucket!r} is not a valid S3 bucket name (letters, digits, '.', '-', "
+            "'_'; S3 itself wants 3-63 lowercase letters, digits, '.' and '-')"
+        )
+    return bucket
 
 
 @dataclass(frozen=True)
@@ -65,6 +120,9 @@ class S3Location:
     bucket: str
     prefix: str
     version: str
+
+    def __post_init__(self) -> None:
+        check_bucket_name(self.bucket)
 
     def key(self, rel: str) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, self.version, rel) if p.strip("/"))
@@ -253,7 +311,7 @@ def upload_order(version_dir: Path) -> list[str]:
     """Shards first, then category indexes, the version index, card.md and card.json last."""
     card = read_card(version_dir)
     if card is None:
-        raise PublishError(
+        raise IncompleteVersion(
             f"{version_dir}: no {CARD_JSON}: the version is incomplete "
             "(run `anomaly-factory shards` to finish it)"
         )
@@ -275,17 +333,197 @@ def checked_files(version_dir: Path, chunksize: int) -> dict[str, tuple[str, set
     """
     card = read_card(version_dir)
     if card is None:
-        raise PublishError(f"{version_dir}: no {CARD_JSON}: the version is incomplete")
+        raise IncompleteVersion(f"{version_dir}: no {CARD_JSON}: the version is incomplete")
     out = {}
     for f in card["files"]:
         path = Path(version_dir) / f["path"]
         sums = file_checksums(path, chunksize) if path.is_file() else None
         if sums is None or path.stat().st_size != f["size"] or sums[0] != f["sha256"]:
-            raise PublishError(
+            raise IncompleteVersion(
                 f"{path}: missing or differs from {CARD_JSON} (sha256 {f['sha256']})"
             )
         out[f["path"]] = sums
     return out
+
+
+# --------------------------------------------------------------------------- the lease
+def _put(client: Any, bucket: str, key: str, body: bytes, **condition: str) -> str:
+    """A small object written with its sha256 (and a condition); returns its ETag."""
+    out = client.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=body,
+        ChecksumAlgorithm="SHA256",
+        Metadata={SHA256_META: sha256_bytes(body)},
+        **condition,
+    )
+    return out["ETag"]
+
+
+def _get(client: Any, bucket: str, key: str) -> tuple[bytes, str] | None:
+    """An object's bytes and ETag, or None if it does not exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        obj = client.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if _code(exc) in MISSING:
+            return None
+        raise
+    return obj["Body"].read(), obj["ETag"]
+
+
+@dataclass
+class Lease:
+    """The right to write one version, held by one publisher at a time (see the module
+    docstring). ``content`` is the sha256 of the card being published: a publisher of
+    the same content may take the lease over (a rerun after a kill)."""
+
+    client: Any
+    loc: S3Location
+    content: str
+    ttl_s: float
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    etag: str = ""
+    renewed: float = 0.0
+
+    def _body(self) -> bytes:
+        self.renewed = time.time()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "content": self.content,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "renewed_at": self.renewed,
+                "ttl_s": self.ttl_s,
+            },
+            sort_keys=True,
+        ).encode()
+
+    def acquire(self) -> Lease:
+        from botocore.exceptions import ClientError
+
+        key = self.loc.key(LEASE)
+        for _ in range(3):  # the holder may release between our write and our read
+            try:
+                self.etag = _put(self.client, self.loc.bucket, key, self._body(), IfNoneMatch="*")
+                return self
+            except ClientError as exc:
+                if _code(exc) not in LOST_RACE:
+                    raise
+            held = _get(self.client, self.loc.bucket, key)
+            if held is None:
+                continue
+            other, etag = json.loads(held[0]), held[1]
+            age = time.time() - float(other.get("renewed_at", 0))
+            if other.get("content") != self.content and age <= float(other.get("ttl_s", 0)):
+                raise LeaseHeld(
+                    f"{self.loc.uri()}: another publisher is publishing different content "
+                    f"(lease held by {other.get('host')} pid {other.get('pid')}, renewed "
+                    f"{age:.0f} s ago); retry when it ends, or after its lease expires "
+                    f"({other.get('ttl_s')} s without renewal) if it was killed"
+                )
+            try:  # same content (a rerun), or a lease its killed holder stopped renewing
+                self.etag = _put(self.client, self.loc.bucket, key, self._body(), IfMatch=etag)
+                log.info("took over the lease of %s (%s)", self.loc.uri(), other.get("owner"))
+                return self
+            except ClientError as exc:
+                if _code(exc) not in LOST_RACE | MISSING:
+                    raise
+        raise LeaseHeld(f"{self.loc.uri()}: could not take the publish lease (contended)")
+
+    def renew_if_due(self) -> None:
+        """Renew the lease after a quarter of its time, so a live publisher keeps it."""
+        if time.time() - self.renewed > self.ttl_s / 4:
+            self.check()
+            self.etag = _put(
+                self.client, self.loc.bucket, self.loc.key(LEASE), self._body(), IfMatch=self.etag
+            )
+
+    def check(self) -> None:
+        """Still ours? (A publisher whose lease was taken over must not write the card.)"""
+        meta = head(self.client, self.loc.bucket, self.loc.key(LEASE))
+        if meta is None or meta.get("ETag") != self.etag:
+            raise LeaseHeld(
+                f"{self.loc.uri()}: this publisher's lease was taken over by another "
+                "(its lease expired); nothing was made visible by this run"
+            )
+
+    def release(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(
+                Bucket=self.loc.bucket, Key=self.loc.key(LEASE), IfMatch=self.etag
+            )
+        except (ClientError, BotoCoreError) as exc:  # taken over, or the store is gone
+            log.info("lease of %s not released: %s", self.loc.uri(), exc)
+
+
+# --------------------------------------------------------------------------- cards
+def objects_root(card: dict[str, Any]) -> str:
+    """The folder (relative to the version, '' or ending in '/') the card's files are in."""
+    root = card.get(OBJECTS) or ""
+    return root if not root or root.endswith("/") else root + "/"
+
+
+def remote_card_bytes(local: bytes, root: str) -> bytes:
+    """The card to upload: the local bytes, plus ``objects`` when files are elsewhere."""
+    if not root:
+        return local
+    return (
+        json.dumps({**json.loads(local), OBJECTS: root}, indent=2, sort_keys=True) + "\n"
+    ).encode()
+
+
+def local_card_bytes(remote: bytes) -> bytes:
+    """The published local card's bytes back from a remote card (``objects`` removed;
+    cards are written by ``atomic_write_json``, so re-serialising gives the same bytes)."""
+    card = json.loads(remote)
+    if OBJECTS not in card:
+        return remote
+    card.pop(OBJECTS)
+    return (json.dumps(card, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def _visible(client: Any, loc: S3Location) -> tuple[bytes, str] | None:
+    """The visible card's bytes and ETag, or None."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return _get(client, loc.bucket, loc.key(CARD_JSON))
+    except (ClientError, BotoCoreError) as exc:
+        raise explain(exc, client, loc.bucket) from None
+
+
+def _root_for(visible: tuple[bytes, str] | None, card_bytes: bytes) -> str:
+    """Where this publication's files go: the version's own folder for a new version or
+    a repair (same content); a fresh ``_g/<sha>/`` folder when replacing other content."""
+    if visible is None:
+        return ""
+    if local_card_bytes(visible[0]) == card_bytes:
+        return objects_root(json.loads(visible[0]))
+    return f"{GENERATIONS}/{sha256_bytes(card_bytes)[:16]}/"
+
+
+def _write_card(client: Any, loc: S3Location, body: bytes, replaces: str | None) -> None:
+    """Make the version visible: the one conditional write that decides the winner."""
+    from botocore.exceptions import ClientError
+
+    condition = {"IfMatch": replaces} if replaces else {"IfNoneMatch": "*"}
+    try:
+        _put(client, loc.bucket, loc.key(CARD_JSON), body, **condition)
+    except ClientError as exc:
+        if _code(exc) not in LOST_RACE:
+            raise explain(exc, client, loc.bucket) from None
+        now = _visible(client, loc)
+        if now is not None and now[0] == body:
+            return  # another publisher of the very same content got there first
+        raise LeaseHeld(
+            f"{loc.uri()}: another publisher made its own card visible first; this run's "
+            "files were not published"
+        ) from None
 
 
 def publish_dir(
@@ -295,38 +533,53 @@ def publish_dir(
     force: bool = False,
     on_uploaded: Callable[[str], None] | None = None,
     checked: dict[str, tuple[str, set[str]]] | None = None,
+    lease_ttl_s: float = 900.0,
 ) -> str:
     """Upload a complete local version so that it becomes visible only at the end.
 
     ``checked`` is ``checked_files(version_dir, ...)`` when the caller has just run it.
-
-    With ``force`` an existing version is first made invisible (its card deleted), then
-    rewritten; objects of the old version that the new one lacks are deleted.
+    The whole upload happens under the version's lease. With ``force`` an existing
+    version stays visible and complete until the new card replaces it; the old version's
+    objects that the new one does not use are deleted after that.
     """
+    from botocore.exceptions import BotoCoreError, ClientError
+
     client, bucket = uploader.client, loc.bucket
     check_version(loc.version)
     if checked is None:
         checked = checked_files(version_dir, uploader.multipart_chunksize)
     check_bucket(client, bucket)
-    if is_visible(client, loc):
-        if not force:
-            raise VersionExists(f"{loc.uri()} is already published (use --force to replace it)")
-        client.delete_object(Bucket=bucket, Key=loc.key(CARD_JSON))
+    card_bytes = (Path(version_dir) / CARD_JSON).read_bytes()
     order = upload_order(version_dir)
-    present = _listed_keys(client, loc)
-    for rel in order:
-        # the card is always re-uploaded: its arrival is what publishes the version
-        uploader.upload(
-            Path(version_dir) / rel,
-            loc.key(rel),
-            skip_intact=rel != CARD_JSON,
-            listed=loc.key(rel) in present,
-            checksums=checked.get(rel),
+    try:
+        lease = Lease(client, loc, sha256_bytes(card_bytes), lease_ttl_s).acquire()
+    except (ClientError, BotoCoreError) as exc:
+        raise explain(exc, client, bucket) from None
+    try:
+        visible = _visible(client, loc)
+        if visible is not None and not force:
+            raise VersionExists(f"{loc.uri()} is already published (use --force to replace it)")
+        root = _root_for(visible, card_bytes)
+        present = _listed_keys(client, loc)
+        for rel in order[:-1]:  # the card last: its arrival is what publishes the version
+            key = loc.key(root + rel)
+            uploader.upload(
+                Path(version_dir) / rel, key, listed=key in present, checksums=checked.get(rel)
+            )
+            if on_uploaded is not None:
+                on_uploaded(rel)
+            lease.renew_if_due()
+        lease.check()
+        _write_card(
+            client, loc, remote_card_bytes(card_bytes, root), visible[1] if visible else None
         )
         if on_uploaded is not None:
-            on_uploaded(rel)
-        if rel == CARD_MD:
-            _delete_stale(client, loc, set(order))
+            on_uploaded(CARD_JSON)
+        _delete_stale(client, loc, {root + rel for rel in order[:-1]} | {CARD_JSON, LEASE})
+    except (ClientError, BotoCoreError) as exc:
+        raise explain(exc, client, bucket) from None
+    finally:
+        lease.release()
     return loc.uri()
 
 
@@ -354,42 +607,56 @@ def _delete_stale(client: Any, loc: S3Location, keep: set[str]) -> None:
 
 
 def _remote_card_bytes(client: Any, loc: S3Location) -> bytes:
+    check_bucket(client, loc.bucket)
+    visible = _visible(client, loc)
+    if visible is None:
+        raise VersionNotFound(
+            f"{loc.uri()}: no published version (no {CARD_JSON}; absent or incomplete)"
+        )
+    return visible[0]
+
+
+def read_remote_card(client: Any, loc: S3Location) -> dict[str, Any]:
+    """The card of a visible version (with ``objects`` when its files are in a
+    generation folder); VersionNotFound if it is absent or incomplete."""
+    return json.loads(_remote_card_bytes(client, loc))
+
+
+def _download(client: Any, loc: S3Location, rel: str) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    check_bucket(client, loc.bucket)
     try:
-        return client.get_object(Bucket=loc.bucket, Key=loc.key(CARD_JSON))["Body"].read()
+        return client.get_object(Bucket=loc.bucket, Key=loc.key(rel))["Body"].read()
     except ClientError as exc:
         if _code(exc) in MISSING:
-            raise VersionNotFound(
-                f"{loc.uri()}: no published version (no {CARD_JSON}; absent or incomplete)"
-            ) from None
+            raise ChecksumMismatch(f"{loc.uri(rel)}: listed in the card but missing") from None
         raise explain(exc, client, loc.bucket) from None
     except BotoCoreError as exc:
         raise explain(exc, client, loc.bucket) from None
 
 
-def read_remote_card(client: Any, loc: S3Location) -> dict[str, Any]:
-    """The card of a visible version; VersionNotFound if it is absent or incomplete."""
-    return json.loads(_remote_card_bytes(client, loc))
-
-
 def pull_version(client: Any, loc: S3Location, out_dir: Path) -> Path:
     """Download a visible version to ``out_dir/<version>``, checking every sha256.
 
-    Files are checked against the card, and the card is written last, so the local copy
-    is complete exactly when its card exists.
+    The version is downloaded beside ``out_dir/<version>`` (card last) and swapped into
+    place complete, so a failed or killed pull never touches a local version there.
     """
-    card_bytes = _remote_card_bytes(client, loc)
-    card = json.loads(card_bytes)
+    remote = _remote_card_bytes(client, loc)
+    card, card_bytes = json.loads(remote), local_card_bytes(remote)
+    root = objects_root(card)
     dest = Path(out_dir) / loc.version
-    (dest / CARD_JSON).unlink(missing_ok=True)
-    for f in card["files"]:
-        data = client.get_object(Bucket=loc.bucket, Key=loc.key(f["path"]))["Body"].read()
-        if sha256_bytes(data) != f["sha256"]:
-            raise ChecksumMismatch(f"{loc.uri(f['path'])}: sha256 differs from the card's")
-        atomic_write_bytes(dest / f["path"], data)
-    md = client.get_object(Bucket=loc.bucket, Key=loc.key(CARD_MD))["Body"].read()
-    atomic_write_bytes(dest / CARD_MD, md)
-    atomic_write_bytes(dest / CARD_JSON, card_bytes)
+    with (
+        folder_lock(dest.parent, "shards or pull", wait=True),
+        build_beside(dest, "pull") as staging,
+    ):
+        clean_leftovers(dest)
+        for f in card["files"]:
+            data = _download(client, loc, root + f["path"])
+            if sha256_bytes(data) != f["sha256"]:
+                raise ChecksumMismatch(
+                    f"{loc.uri(root + f['path'])}: sha256 differs from the card's"
+                )
+            atomic_write_bytes(staging / f["path"], data)
+        atomic_write_bytes(staging / CARD_MD, _download(client, loc, root + CARD_MD))
+        atomic_write_bytes(staging / CARD_JSON, card_bytes)
     return dest

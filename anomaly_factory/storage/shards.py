@@ -7,6 +7,11 @@ Layout of one version (``out`` is ``shards.out_dir``)::
     <out>/<version>/index.json                              # wids index of the whole version
     <out>/<version>/card.md, card.json                      # dataset card; card.json is last
 
+A version is built in a sibling folder ``<out>/.<version>.build-<pid>`` and swapped into
+place whole (``io.swap_dir``), so a failed or killed rewrite never touches a complete
+version; writers of ``<out>`` (``shards``, ``pull``) take turns on its lock, and the next
+one removes what a killed run left.
+
 A sample is ``__key__`` (no dots), ``image.png``, ``mask.png``, ``normal.png`` (the pair's
 PNG files, byte for byte) and ``json`` (its metadata). Tar members get a fixed mtime,
 owner and mode, so writing the same pairs again gives identical bytes: consumers pin
@@ -26,7 +31,15 @@ from typing import Any
 
 import pandas as pd
 
-from anomaly_factory.io import atomic_write_json, md5_file
+from anomaly_factory.errors import InputError
+from anomaly_factory.io import (
+    atomic_write_json,
+    build_beside,
+    folder_lock,
+    md5_file,
+    remove_stale,
+    restore_or_remove,
+)
 from anomaly_factory.manifest import read_pairs
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -40,7 +53,7 @@ SPLITS = ("train", "val")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """Pairs cannot be sharded (missing files, bad version name, ...)."""
 
 
@@ -294,29 +307,58 @@ def write_shards(
     ``pairs_path`` / ``manifest_path`` are files or folders (a folder means every
     ``pairs.parquet`` / ``*.parquet`` below it); ``reports_dir`` defaults to
     ``gates.out_dir/<version>``. With ``gates.on_pair_failure: drop`` only the pairs the
-    gates published go in. The card is written last and removed
-    first, so a half-written version has no card and counts as absent.
+    gates published go in. The version is built beside ``out_dir/<version>`` and swapped
+    in complete (card last), so an existing version stays whole if this run fails.
     """
-    from anomaly_factory.storage.card import CARD_JSON, build_card, read_reports, write_card
-
     check_version(version)
     version_dir = Path(out_dir if out_dir is not None else cfg.shards.out_dir) / version
     pairs_paths = find_manifests(pairs_path, "pairs.parquet")
     manifest_paths = find_manifests(manifest_path, "*.parquet")
     if reports_dir is None:
         reports_dir = Path(cfg.gates.out_dir) / version
+    from anomaly_factory.storage.card import read_reports
+
     reports = read_reports(reports_dir)  # read before writing: a bad report fails early
     pairs = published_pairs(cfg, read_pair_sets(pairs_paths), reports_dir)
-    (version_dir / CARD_JSON).unlink(missing_ok=True)
+    with (
+        folder_lock(version_dir.parent, "shards or pull", wait=True),
+        build_beside(version_dir, "build") as staging,
+    ):
+        clean_leftovers(version_dir)
+        _build_version(cfg, pairs, staging, version, pairs_paths, manifest_paths, reports)
+    return version_dir / INDEX_FILE
+
+
+def clean_leftovers(version_dir: Path) -> list[Path]:
+    """What killed ``shards``/``pull`` runs left: staging folders beside the version and
+    per-category temporary folders inside it (call with the out folder's lock held)."""
+    inside = sorted(Path(version_dir).glob("*/*/.*.tmp-*")) + sorted(
+        Path(version_dir).glob("*/.*.tmp-*")
+    )
+    return restore_or_remove(version_dir) + remove_stale(inside)
+
+
+def _build_version(
+    cfg: Any,
+    pairs: pd.DataFrame,
+    folder: Path,
+    version: str,
+    pairs_paths: list[Path],
+    manifest_paths: list[Path],
+    reports: dict[str, Any],
+) -> None:
+    """Shards, indexes and card of one version in the empty folder ``folder``."""
+    from anomaly_factory.storage.card import build_card, write_card
+
+    folder.mkdir(parents=True)
     index_path = write_version_shards(
         pairs,
-        version_dir,
+        folder,
         version,
         cfg.shards.maxcount,
         cfg.shards.maxsize,
         cfg.shards.val_fraction,
     )
     index = json.loads(index_path.read_text())
-    card = build_card(version, version_dir, index, pairs_paths, manifest_paths, reports, cfg)
-    write_card(version_dir, card)
-    return index_path
+    card = build_card(version, folder, index, pairs_paths, manifest_paths, reports, cfg)
+    write_card(folder, card)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.output import (
     is_done,
     pair_key,
@@ -41,7 +42,7 @@ def train_normals(manifest: pd.DataFrame, category: str, where: str) -> pd.DataF
     """The normal ``train`` images of a category; only these may become pair backgrounds."""
     rows = select(manifest, category, GOOD, "train")
     if rows.empty:
-        raise ValueError(f"{where}: no train normals for category {category!r}")
+        raise InputError(f"{where}: no train normals for category {category!r}")
     return rows
 
 

@@ -13,8 +13,10 @@ train normals of the other categories serve (the same category's when alone).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -53,6 +55,28 @@ def texture_sources(
     return sorted(pool["image_path"].astype(str).tolist())
 
 
+@contextlib.contextmanager
+def _textures_read_by_images_py() -> Iterator[None]:
+    """anomalib reads the texture file with torchvision, which leaves a 16-bit PNG's
+    values above 255 (a white texture); route that one read through ``images.read_rgb``
+    (the one reader), which scales them."""
+    import torch
+    from anomalib.data.utils.generators import perlin as anomalib_perlin
+
+    from anomaly_factory.images import read_rgb
+
+    tv_io = anomalib_perlin.io
+
+    def read_image(path: str, mode: object = None) -> torch.Tensor:
+        return torch.from_numpy(np.array(read_rgb(path))).permute(2, 0, 1).contiguous()
+
+    anomalib_perlin.io = SimpleNamespace(read_image=read_image, ImageReadMode=tv_io.ImageReadMode)
+    try:
+        yield
+    finally:
+        anomalib_perlin.io = tv_io
+
+
 def perlin_anomaly(
     normal: np.ndarray, texture_path: str, beta: float, seed: int, max_tries: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +89,7 @@ def perlin_anomaly(
     from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 
     h, w = normal.shape[:2]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _textures_read_by_images_py():
         torch.manual_seed(seed)
         augmenter = PerlinAnomalyGenerator(probability=1.0)
         for _ in range(max_tries):

@@ -114,6 +114,7 @@ def training_key(
             mode="json", exclude={"out_dir", "checkpoint_every", "keep_train_state", "log_every"}
         ),
         "scheduler": cfg.generate.scheduler.model_dump(mode="json"),
+        "latent_mask": [cfg.generate.latent_mask, cfg.generate.latent_mask_min_coverage],
         "base_model": base_model,
         "category": category,
         "anomaly_type": anomaly_type,
@@ -229,6 +230,8 @@ def finetune(
                     sf,
                     gen,
                     ft.mask_loss_weight,
+                    cfg.generate.latent_mask,
+                    cfg.generate.latent_mask_min_coverage,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -276,6 +279,8 @@ def fewshot_batch_loss(
     scaling_factor: float,
     gen: torch.Generator,
     mask_weight: float = 1.0,
+    mask_mode: str = "nearest",
+    min_coverage: float = 0.0,
 ) -> torch.Tensor:
     """One fine-tuning batch's loss: posterior samples of the cached few-shot latents,
     GPP on the prompt, then the inpainting objective (what ``bench/finetune.py`` times)."""
@@ -285,7 +290,16 @@ def fewshot_batch_loss(
         prompt_embeds.expand(len(idx), -1, -1), sigma, positions, gen
     )
     return inpainting_loss(
-        unet, noise_scheduler, latents, fewshot.masks[idx], masked, cond, gen, mask_weight
+        unet,
+        noise_scheduler,
+        latents,
+        fewshot.masks[idx],
+        masked,
+        cond,
+        gen,
+        mask_weight,
+        mask_mode,
+        min_coverage,
     )
 
 

@@ -151,6 +151,7 @@ def build_tiny_vae(tiny: TinyModelSection, resolution: int) -> AutoencoderKL:
         latent_channels=tiny.latent_channels,
         norm_num_groups=tiny.norm_num_groups,
         sample_size=resolution,
+        mid_block_add_attention=tiny.vae_mid_attention,
     )
 
 
@@ -213,8 +214,7 @@ def build_tiny_pipeline(
     tokenizer = build_tokenizer(tokenizer_words(finetune, tiny))
     text_encoder = build_tiny_text_encoder(tiny, tokenizer)
     vae = build_tiny_vae(tiny, model.resolution)
-    latent = model.resolution // 2 ** (len(tiny.vae_channels) - 1)
-    unet = build_tiny_unet(tiny, latent)
+    unet = build_tiny_unet(tiny, _latent_size(model))
     return StableDiffusionInpaintPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -257,9 +257,14 @@ def masked_inputs(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return images * (masks < 0.5)
 
 
-def latent_mask(masks: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """Mask on the latent grid, resized as ``StableDiffusionInpaintPipeline`` does (nearest)."""
-    return F.interpolate(masks, size=(latent_size, latent_size))
+def latent_mask(
+    masks: torch.Tensor, latent_size: int, mode: str = "nearest", min_coverage: float = 0.0
+) -> torch.Tensor:
+    """Mask on the latent grid: ``nearest`` as ``StableDiffusionInpaintPipeline`` does, or
+    ``coverage`` (``generate.latent_mask``), made by the sampler's one implementation."""
+    from anomaly_factory.generators.magic.sampler import latent_mask as on_grid
+
+    return on_grid(masks, latent_size, mode, min_coverage)
 
 
 # --------------------------------------------------------------------------- tiny pretraining
@@ -312,13 +317,6 @@ def random_inpaint_masks(
     return boxes
 
 
-def _batch(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    idx = torch.randint(0, len(images), (n,), generator=generator)
-    batch = images[idx]
-    flip = torch.rand(n, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-
-
 def encode_prompt(pipe: StableDiffusionInpaintPipeline, prompt: str, n: int) -> torch.Tensor:
     """Text-encoder output (n, 77, dim) for a prompt, through the pipeline's own encoder."""
     embeds, _ = pipe.encode_prompt(
@@ -334,66 +332,47 @@ def pretrain_tiny(
     device: torch.device,
     show_progress: bool = False,
 ) -> dict[str, float]:
-    """VAE reconstruction, then UNet inpainting of random boxes on normal images.
+    """Train the autoencoder, then the UNet's inpainting, on a category's normal images.
 
-    Stands in for SD2's pretraining: the UNet learns to inpaint a category's
-    normal appearance from ``[noisy latents, mask, masked-image latents]``, the
-    same input that MAGIC's fine-tuning and sampler use. Sets the VAE's
-    ``scaling_factor`` to 1/std of the latents, as SD chose 0.18215 for its VAE.
+    Stands in for SD2's pretraining (from random weights, ``base: scratch``) or adapts
+    the bundled base to the category (``base: bundled``); see ``pretrain.py``. The
+    VAE stays deterministic and its ``scaling_factor`` is 1/std of the latents.
     Returns the final losses.
     """
+    from anomaly_factory.generators.magic import pretrain
+
     gen = torch.Generator().manual_seed(tiny.seed)
-    images = images.to(device)
-    vae, unet = pipe.vae.to(device), pipe.unet.to(device)
+    pipe.vae.to(device)
+    pipe.unet.to(device)
     pipe.text_encoder.to(device)
     bs = tiny.pretrain_batch_size
-    losses = {"vae_loss": float("nan"), "unet_loss": float("nan")}
-
     with _progress(show_progress) as progress:
-        opt = torch.optim.AdamW(vae.parameters(), lr=tiny.pretrain_lr)
-        vae.train()
-        task = progress.add_task("pretrain VAE", total=tiny.pretrain_vae_steps)
-        for _ in range(tiny.pretrain_vae_steps):
-            x = _batch(images, bs, gen)
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, gen, device)
-            recon = vae.decode(z).sample
-            loss = F.mse_loss(recon, x) + tiny.pretrain_kl_weight * posterior.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses["vae_loss"] = float(loss.detach())
-            progress.advance(task)
-        vae.eval().requires_grad_(False)
-
-        with torch.no_grad():
-            std = float(vae.encode(images).latent_dist.mean.std())
-        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
-        sf = vae.config.scaling_factor
-
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        with torch.no_grad():
-            cond = encode_prompt(pipe, tiny.pretrain_prompt, 1)
-        opt = torch.optim.AdamW(unet.parameters(), lr=tiny.pretrain_lr)
-        unet.train()
-        size = images.shape[-1]
-        task = progress.add_task("pretrain UNet", total=tiny.pretrain_unet_steps)
-        for _ in range(tiny.pretrain_unet_steps):
-            x = _batch(images, bs, gen)
-            masks = random_inpaint_masks(bs, size, tiny.pretrain_mask_max, gen).to(device)
-            with torch.no_grad():
-                both = vae.encode(torch.cat([x, masked_inputs(x, masks)])).latent_dist.mean * sf
-            latents, masked_latents = both.chunk(2)
-            loss = inpainting_loss(unet, noise_scheduler, latents, masks, masked_latents, cond, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            losses["unet_loss"] = float(loss.detach())
-            progress.advance(task)
-    unet.eval().requires_grad_(False)
+        vae_loss = pretrain.train_autoencoder(
+            pipe.vae,
+            images,
+            tiny.pretrain_vae_steps,
+            tiny.pretrain_lr,
+            bs,
+            tiny.pretrain_crop,
+            gen,
+            progress,
+        )
+        if tiny.pretrain_vae_steps or tiny.base == "scratch":
+            pretrain.make_deterministic(pipe.vae)
+            pretrain.set_latent_scale(pipe.vae, images)
+        unet_loss = pretrain.train_inpainting(
+            pipe,
+            images,
+            tiny.pretrain_unet_steps,
+            tiny.pretrain_lr,
+            bs,
+            tiny.pretrain_mask_max,
+            tiny.pretrain_prompt,
+            gen,
+            progress,
+        )
     pipe.text_encoder.requires_grad_(False)
-    return losses
+    return {"vae_loss": vae_loss, "unet_loss": unet_loss}
 
 
 def _randn(shape: torch.Size, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -410,6 +389,8 @@ def inpainting_loss(
     encoder_hidden_states: torch.Tensor,
     gen: torch.Generator,
     mask_weight: float = 1.0,
+    mask_mode: str = "nearest",
+    min_coverage: float = 0.0,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE of the inpainting UNet (diffusers' DreamBooth-inpaint objective).
 
@@ -418,7 +399,9 @@ def inpainting_loss(
     ``mask_weight`` w > 1 the squared error on the mask's latent cells counts w
     times (normalised by the mean weight): a defect covering 2% of a few-shot image
     otherwise contributes 2% of the gradient, and a small model needs many more
-    steps to learn it. w = 1 is the paper's plain MSE.
+    steps to learn it. w = 1 is the paper's plain MSE. ``mask_mode`` puts the mask on
+    the latent grid as the sampler does (``generate.latent_mask``), so a thin defect
+    is trained on the cells it is generated in.
     """
     n = latents.shape[0]
     device = latents.device
@@ -426,7 +409,7 @@ def inpainting_loss(
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
     t = t.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    m = latent_mask(masks, latents.shape[-1]).to(latents.dtype)
+    m = latent_mask(masks, latents.shape[-1], mask_mode, min_coverage).to(latents.dtype)
     model_input = torch.cat([noisy, m, masked_latents], dim=1)
     if encoder_hidden_states.shape[0] != n:
         encoder_hidden_states = encoder_hidden_states.expand(n, -1, -1)
@@ -460,9 +443,38 @@ def tiny_cache_dir(cfg: FactoryConfig, category: str, manifest_path: Path) -> Pa
         "words": tokenizer_words(cfg.finetune, cfg.model.tiny),
         "scheduler": cfg.generate.scheduler.model_dump(mode="json"),
         "data": sorted(df["sha256"].tolist()),
+        "base": _base_digest(cfg),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.model.cache_dir) / TINY_SUBDIR / f"{category}-{digest}"
+
+
+def _base_digest(cfg: FactoryConfig) -> str | None:
+    """The bundled base's weights digest (its folder name), or None from scratch."""
+    if cfg.model.tiny.base == "scratch":
+        return None
+    from anomaly_factory.generators.magic.tiny_base import bundled_folder
+
+    return bundled_folder().name
+
+
+def tiny_start(cfg: FactoryConfig) -> StableDiffusionInpaintPipeline:
+    """The weights a category's tiny model starts from: the bundled base, or random ones."""
+    if cfg.model.tiny.base == "scratch":
+        return build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
+    from anomaly_factory.generators.magic.tiny_base import bundled_folder, check_shapes
+
+    folder = bundled_folder()
+    check_shapes(cfg, folder)
+    cpu = cfg.model.model_copy(update={"device": "cpu", "dtype": "float32"})
+    pipe = from_folder(folder, cpu, cfg.generate.scheduler)
+    pipe.unet.register_to_config(sample_size=_latent_size(cfg.model))
+    pipe.vae.register_to_config(sample_size=cfg.model.resolution)
+    return pipe
+
+
+def _latent_size(model: ModelSection) -> int:
+    return model.resolution // 2 ** (len(model.tiny.vae_channels) - 1)
 
 
 def train_images(manifest_path: Path, category: str, size: int) -> torch.Tensor:
@@ -484,7 +496,7 @@ def pretrained_tiny_pipeline(
         return target
     device = resolve_device(cfg.model)
     torch.manual_seed(cfg.model.tiny.seed)
-    pipe = build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
+    pipe = tiny_start(cfg)
     images = train_images(manifest_path, category, cfg.model.resolution)
     losses = pretrain_tiny(pipe, images, cfg.model.tiny, device, show_progress)
     log.info("tiny pretraining of %s: %s", category, losses)

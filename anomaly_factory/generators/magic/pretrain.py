@@ -1,0 +1,155 @@
+"""Pretraining loops of the tiny inpainting model: its autoencoder, then its UNet.
+
+SD2 inpainting comes pretrained; the ``tiny`` preset has to make its own stand-in.
+Two loops serve both the bundled base (``tiny_base.py``, built once offline) and
+the per-category pretraining on a category's normal images (``models.py``):
+
+* :func:`train_autoencoder` trains the VAE as a deterministic autoencoder on
+  random crops (the encoder's mean is decoded, as SD's VAE is used at sampling
+  time), then :func:`make_deterministic` pins its posterior variance near zero, so
+  diffusers' ``latent_dist.sample()`` returns the mean. With the KL objective and
+  posterior sampling a small VAE's std stayed near 0.9 and its latents were mostly
+  noise (bench/RESULTS.md (h)).
+* :func:`train_inpainting` trains the 9-channel UNet to inpaint random masks of the
+  images from ``[noisy latents, mask, masked-image latents]``, the input MAGIC's
+  fine-tuning and sampler use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline
+
+LOGVAR_MIN = -30.0  # diffusers clamps the log-variance here: std = 3e-7
+L1_WEIGHT = 0.1  # a little L1 keeps flat colours exact where MSE tolerates a tint
+
+
+def random_batch(
+    images: torch.Tensor, n: int, gen: torch.Generator, crop: int | None = None
+) -> torch.Tensor:
+    """``n`` random images (horizontally flipped at random), cropped to ``crop`` px."""
+    idx = torch.randint(0, len(images), (n,), generator=gen)
+    batch = images[idx]
+    flip = torch.rand(n, generator=gen) < 0.5
+    batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    size = images.shape[-1]
+    if crop is None or crop >= size:
+        return batch
+    y, x = torch.randint(0, size - crop + 1, (2,), generator=gen).tolist()
+    return batch[..., y : y + crop, x : x + crop]
+
+
+def _lr_schedule(opt: torch.optim.Optimizer, lr: float, steps: int):
+    """One-cycle: a short warm-up, then cosine decay (small models train noisily at a fixed lr)."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05
+    )
+
+
+def train_autoencoder(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    crop: int | None,
+    gen: torch.Generator,
+    progress=None,
+) -> float:
+    """Reconstruct ``images`` ((N, 3, H, W) in [-1, 1]) through the encoder's mean; last loss."""
+    if steps == 0:
+        return float("nan")
+    device = next(vae.parameters()).device
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = _lr_schedule(opt, lr, steps)
+    vae.train().requires_grad_(True)
+    task = progress.add_task("pretrain VAE", total=steps) if progress else None
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        x = random_batch(images, batch_size, gen, crop).to(device)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        loss = F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if progress:
+            progress.advance(task)
+    vae.eval().requires_grad_(False)
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def make_deterministic(vae: AutoencoderKL) -> None:
+    """Pin the posterior's log-variance to its floor: ``sample()`` becomes the mean."""
+    conv = vae.quant_conv
+    if conv is None:
+        raise ValueError("the VAE has no quant_conv to pin its log-variance")
+    c = vae.config.latent_channels
+    conv.weight[c:] = 0.0
+    conv.bias[c:] = LOGVAR_MIN
+
+
+@torch.no_grad()
+def set_latent_scale(vae: AutoencoderKL, images: torch.Tensor, chunk: int = 32) -> float:
+    """``scaling_factor = 1 / std`` of the latents, as SD chose 0.18215 for its VAE."""
+    device = next(vae.parameters()).device
+    means = [
+        vae.encode(images[i : i + chunk].to(device)).latent_dist.mean.cpu()
+        for i in range(0, len(images), chunk)
+    ]
+    std = float(torch.cat(means).std())
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+    return vae.config.scaling_factor
+
+
+def train_inpainting(
+    pipe: StableDiffusionInpaintPipeline,
+    images: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    mask_max: float,
+    prompt: str,
+    gen: torch.Generator,
+    progress=None,
+) -> float:
+    """Teach the UNet to inpaint random masks of ``images`` with ``prompt``; last loss."""
+    from anomaly_factory.generators.magic.models import (
+        encode_prompt,
+        inpainting_loss,
+        masked_inputs,
+        random_inpaint_masks,
+    )
+
+    if steps == 0:
+        return float("nan")
+    vae, unet = pipe.vae, pipe.unet
+    device = next(unet.parameters()).device
+    sf = vae.config.scaling_factor
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        cond = encode_prompt(pipe, prompt, 1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    schedule = _lr_schedule(opt, lr, steps)
+    unet.train().requires_grad_(True)
+    size = images.shape[-1]
+    task = progress.add_task("pretrain UNet", total=steps) if progress else None
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        x = random_batch(images, batch_size, gen).to(device)
+        masks = random_inpaint_masks(batch_size, size, mask_max, gen).to(device)
+        with torch.no_grad():
+            both = vae.encode(torch.cat([x, masked_inputs(x, masks)])).latent_dist.mean * sf
+        latents, masked_latents = both.chunk(2)
+        loss = inpainting_loss(unet, noise_scheduler, latents, masks, masked_latents, cond, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        if progress:
+            progress.advance(task)
+    unet.eval().requires_grad_(False)
+    return float(loss.detach())
