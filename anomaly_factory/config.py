@@ -127,22 +127,27 @@ class TinyModelSection(Section):
     """Shapes of the small inpainting model built from configs for CPU runs."""
 
     base: Literal["bundled", "scratch"] = Field(
-        default="bundled",
+        default="scratch",
         description="bundled: start from the pretrained tiny base shipped in "
         "anomaly_factory/assets/tiny_inpaint (built by scripts/build_tiny_base.py, the "
         "tiny stand-in for SD2's pretraining); scratch: random weights. Either way the "
         "pretrain_* steps then train on the category's normal images",
     )
+    base_folder: Path | None = Field(
+        default=None,
+        description="base: bundled: the folder holding one <digest>/ snapshot "
+        "(None: anomaly_factory/assets/tiny_inpaint)",
+    )
     unet_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 64])
     vae_channels: list[PositiveInt] = Field(
-        default_factory=lambda: [16, 32, 64],
+        default_factory=lambda: [16, 32, 32],
         description="One block per entry; the latent is 2^(n-1) times smaller than the image",
     )
     vae_mid_attention: bool = Field(
-        default=False, description="Self-attention in the VAE's middle block (SD's VAE has it)"
+        default=True, description="Self-attention in the VAE's middle block (SD's VAE has it)"
     )
     unet_cross_attention: list[bool] | None = Field(
-        default_factory=lambda: [False, True, True],
+        default=None,
         description="Per UNet level, whether it has cross-attention blocks; None: every level "
         "but the deepest (SD's layout). Attention at the full latent grid dominates CPU time",
     )
@@ -160,9 +165,9 @@ class TinyModelSection(Section):
         description="Extra whole-word tokens; the prompt's words are always in the vocabulary",
     )
     seed: int = 0
-    pretrain_vae_steps: Annotated[int, Field(ge=0)] = 0
-    pretrain_unet_steps: Annotated[int, Field(ge=0)] = 40
-    pretrain_lr: Positive = 1e-3
+    pretrain_vae_steps: Annotated[int, Field(ge=0)] = 60
+    pretrain_unet_steps: Annotated[int, Field(ge=0)] = 100
+    pretrain_lr: Positive = 3e-3
     pretrain_batch_size: PositiveInt = 8
     pretrain_crop: PositiveInt | None = Field(
         default=64, description="VAE pretraining on random crops of this size (None: whole)"
@@ -179,7 +184,7 @@ class ModelSection(Section):
         default="stabilityai/stable-diffusion-2-inpainting",
         description="Hugging Face id or local diffusers folder (sd2_inpainting preset)",
     )
-    resolution: PositiveInt = 128
+    resolution: PositiveInt = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cache_dir: Path = Path("data/models")
@@ -818,11 +823,11 @@ class PublishSection(Section):
 
 
 class OrchestrationSection(Section):
-    """Prefect: where GPU stages run, retries, caching, schedules."""
+    """Prefect: where GPU stages run, retries, caching. The deployments themselves (pools,
+    schedule, pull step) are defined once, in prefect.yaml."""
 
-    work_pool: str = Field(default="cuda", description="Process pool of GPU workers")
-    factory_work_pool: str = Field(
-        default="factory", description="Pool running scheduled factory flows (CPU is enough)"
+    work_pool: str = Field(
+        default="cuda", description="Process pool of GPU workers (prefect.yaml's gpu-stage pool)"
     )
     gpu_deployment: str = Field(
         default="gpu-stage/gpu-stage", description="<flow name>/<deployment name> of GPU stages"
@@ -840,7 +845,17 @@ class OrchestrationSection(Section):
         default=3600, description="A GPU run no worker picks up in this time is abandoned"
     )
     cache: bool = True
-    schedule_cron: str = "0 3 * * 0"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_prefect_yaml(cls, data: Any) -> Any:
+        for key in ("schedule_cron", "factory_work_pool"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(
+                    f"orchestration.{key}: moved to prefect.yaml, the one definition of the "
+                    "deployments (`anomaly-factory deploy --cron ...` replaces the schedule)"
+                )
+        return data
 
 
 class FactoryConfig(Section):
@@ -899,12 +914,27 @@ class FactoryConfig(Section):
                 f"gates.mask_area_min: {self.gates.mask_area_min} is not < gates.mask_area_max "
                 f"{self.gates.mask_area_max} (no pair could pass)"
             )
+        from anomaly_factory.metrics.ic_lpips import MIN_CLUSTER
+
+        if self.gates.lpips.max_per_cluster < MIN_CLUSTER:
+            raise ValueError(
+                f"gates.lpips.max_per_cluster: {self.gates.lpips.max_per_cluster} is not >= "
+                f"{MIN_CLUSTER} (IC-LPIPS is a mean distance within a cluster)"
+            )
         if any(d.name == "demo" for d in self.datasets.items):
             fewshot = int(self.demo.n_per_type * self.split.fewshot_fraction)
             if fewshot < 1:
                 raise ValueError(
                     f"demo.n_per_type: {self.demo.n_per_type} with split.fewshot_fraction "
                     f"{self.split.fewshot_fraction} gives no few-shot image per anomaly type"
+                )
+            # IC-LPIPS clusters the pairs by their nearest few-shot image and needs one
+            # cluster with two pairs: only more pairs than clusters guarantee it
+            if self.generate.n_pairs <= fewshot:
+                raise ValueError(
+                    f"generate.n_pairs: {self.generate.n_pairs} cannot measure IC-LPIPS: the "
+                    f"demo's {fewshot} few-shot images per type make {fewshot} clusters, and "
+                    f"a cluster needs >= {MIN_CLUSTER} pairs (n_pairs > {fewshot} guarantees one)"
                 )
         return self
 

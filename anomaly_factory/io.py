@@ -33,6 +33,18 @@ from anomaly_factory.errors import Busy
 HASH_CHUNK = 1 << 20  # 1 MiB reads keep memory flat on multi-GB archives
 TMP_SUFFIX = ".tmp"  # atomic_path's temporary files: ``.<name>.<random>.tmp``
 RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one atomic rename
+FILE_MODE = 0o666  # what open() creates files with, before the umask
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _named(exc: OSError, target: Path) -> OSError:
@@ -52,6 +64,8 @@ def name_the_output(exc: OSError, staging: Path, output: Path) -> OSError:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it into place on success.
 
+    The file gets the mode ``open()`` would give it (0644 under the usual umask 022), not
+    ``mkstemp``'s private 0600: reports, cards and shards are meant to be read by others.
     An OS error (read-only folder, full disk) names ``path`` itself, and leaves no
     temporary file behind.
     """
@@ -65,6 +79,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE & ~current_umask())
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -221,6 +236,27 @@ def png_bytes(array: np.ndarray) -> bytes:
 def save_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     """Save a uint8 array as PNG atomically."""
     return atomic_write_bytes(path, png_bytes(array))
+
+
+def portable_path(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
+    """``path`` as manifests, cards and reports store it: relative to the data root (the
+    working directory unless ``root`` is given) when it lies below it, so a version reads
+    the same on every machine that mounts its data; URIs and other paths as given.
+
+    >>> portable_path("/srv/factory/data/pairs/v1/a.png", "/srv/factory")
+    'data/pairs/v1/a.png'
+    >>> portable_path("s3://bucket/v1/index.json", "/srv/factory")
+    's3://bucket/v1/index.json'
+    """
+    text = os.fspath(path)
+    if "://" in text or not os.path.isabs(text):
+        return text
+    base = Path(root) if root is not None else Path.cwd()
+    target = Path(os.path.normpath(text))
+    for candidate in (base, base.resolve()):
+        with contextlib.suppress(ValueError):
+            return target.relative_to(candidate).as_posix() or "."
+    return text
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

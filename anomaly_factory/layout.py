@@ -11,6 +11,7 @@ run's folder tree is the same whichever way it was started::
     data/reports/<version>/                     metrics, gates, report, detectors
     data/shards/<version>/<dataset>/<cat>/      webdataset shards + index + card
     data/runs/<version>/progress/               live progress of a run
+    data/runs/<version>/run.log                 what libraries printed during `run`
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ from anomaly_factory.config import FactoryConfig
 
 @dataclass(frozen=True)
 class RunLayout:
+    """The paths of one version. Its name is checked first: it becomes a file and folder
+    name in several places (``../evil`` would write outside ``data/manifests``)."""
+
     cfg: FactoryConfig
     version: str
     root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        from anomaly_factory.storage.shards import check_version
+
+        check_version(self.version)
 
     def _abs(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.root / path).resolve()
@@ -62,6 +71,10 @@ class RunLayout:
     @property
     def progress(self) -> Path:
         return self._abs(Path("data/runs")) / self.version / "progress"
+
+    @property
+    def run_log(self) -> Path:
+        return self._abs(Path("data/runs")) / self.version / "run.log"
 
 
 def default_version(cfg: FactoryConfig) -> str:

@@ -7,7 +7,9 @@ Two kinds cross every boundary of the factory:
   written by every generator, read by gates, detectors and shards).
 
 Both are parquet files. Required columns are checked on read and write; extra
-columns are allowed so that stages can add what they know.
+columns are allowed so that stages can add what they know. File paths (the ``*_path``
+columns) are stored relative to the data root, the working directory the factory runs
+in (``io.portable_path``), never as this machine's absolute paths.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from anomaly_factory.errors import InputError
-from anomaly_factory.io import atomic_path
+from anomaly_factory.io import atomic_path, portable_path
 
 SPLITS = ("train", "fewshot", "test")
 GOOD = "good"
@@ -104,8 +106,16 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def portable_paths(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with its ``*_path`` columns relative to the data root where they lie below it."""
+    out = df.copy()
+    for col in (c for c in out.columns if str(c).endswith("_path")):
+        out[col] = out[col].map(lambda p: portable_path(p) if isinstance(p, str) else p)
+    return out
+
+
 def write_images(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    return write_parquet(validate_images(df, str(path)), path)
+    return write_parquet(validate_images(portable_paths(df), str(path)), path)
 
 
 def read_images(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -113,7 +123,7 @@ def read_images(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def write_pairs(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    return write_parquet(validate_pairs(df, str(path)), path)
+    return write_parquet(validate_pairs(portable_paths(df), str(path)), path)
 
 
 def read_pairs(path: str | os.PathLike[str]) -> pd.DataFrame:

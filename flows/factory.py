@@ -6,6 +6,7 @@ ingest -> per (category, type) [finetune -> masks -> CAMA -> generate]
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from anomaly_factory import progress
 from anomaly_factory.config import FactoryConfig, load_config
+from anomaly_factory.errors import GatesFailed
 from anomaly_factory.layout import RunLayout, default_version
 from anomaly_factory.manifest import anomaly_types, read_images
 from anomaly_factory.provenance import code_hash
@@ -46,17 +49,28 @@ def _with_options(cfg: FactoryConfig, fn):
 
 @flow(name="factory", log_prints=True)
 def factory(
-    profile: str = "tiny",
+    profile: str | None = None,
     config: str | None = None,
     version: str | None = None,
     root: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Produce one dataset version; returns where its report and shards are."""
-    logger = get_run_logger()
-    cfg = load_config(config, profile, overrides)
-    version = version or default_version(cfg)
+    """Produce one dataset version; returns where its report and shards are.
+
+    ``profile`` None is the profile ``pipelines.yaml`` names (else ``tiny``); ``root``
+    None is the working directory (a worker's ``ANOMALY_FACTORY_HOME``). A version whose
+    gates fail keeps every output and ends the run Failed (``VersionFailedGates``).
+    """
     root = str(Path(root or os.getcwd()).resolve())
+    # Manifests, cards and reports name files relative to the data root (the working
+    # directory): in it, every route writes the same portable paths.
+    with contextlib.chdir(root):
+        return _produce(load_config(config, profile, overrides), version, root)
+
+
+def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, Any]:
+    logger = get_run_logger()
+    version = version or default_version(cfg)
     layout = RunLayout(cfg, version, Path(root))
     cfg_json = cfg.model_dump(mode="json")
     code = code_hash()
@@ -64,16 +78,25 @@ def factory(
         "factory %s: profile %s, config %s, code %s", version, cfg.profile, cfg.hash(), code
     )
 
-    progress = create_progress_artifact(
+    artifact = create_progress_artifact(
         0.0, key="factory-progress", description=f"Stages of {version} done (%)"
     )
 
     def done(percent: float) -> None:
-        update_progress_artifact(progress, percent)
+        update_progress_artifact(artifact, percent)
+
+    def stage(name: str, finished: int, total: int) -> None:
+        """Stage counts for the CLI's live display (``anomaly_factory.progress``)."""
+        progress.report(layout.progress, name, progress.STAGE_UNIT, finished, total)
 
     # ingest
     ingest = _with_options(cfg, ingest_dataset)
-    parts = [ingest(cfg_json, i, version, root, code) for i in range(len(cfg.datasets.items))]
+    n_datasets = len(cfg.datasets.items)
+    stage("ingest", 0, n_datasets)
+    parts = []
+    for i in range(n_datasets):
+        parts.append(ingest(cfg_json, i, version, root, code))
+        stage("ingest", i + 1, n_datasets)
     manifest = combine_manifests(parts, str(layout.manifest), code)
     images = read_images(manifest)
     done(5)
@@ -83,35 +106,52 @@ def factory(
     categories = sorted(images["category"].unique())
     jobs = {c: anomaly_types(images, c) for c in categories}
     jobs = {c: t for c, t in jobs.items() if t}
+    n_types = sum(len(t) for t in jobs.values())
+    types_done = 0
+    stage("generate", 0, n_types)
     per_category = []
     if cfg.orchestration.dispatch == "work_pool":
-        futures = [
-            dispatch.submit(cfg_json, "generate", c, t, manifest, version, root, code)
+        futures = {
+            c: dispatch.submit(cfg_json, "generate", c, t, manifest, version, root, code)
             for c, t in jobs.items()
-        ]
-        for i, future in enumerate(futures, 1):
+        }
+        for i, (c, future) in enumerate(futures.items(), 1):
             per_category.append(future.result())
+            types_done += len(jobs[c])
+            stage("generate", types_done, n_types)
             done(5 + 70 * i / len(futures))
     else:
         for i, (c, t) in enumerate(jobs.items(), 1):
             per_category.append(dispatch(cfg_json, "generate", c, t, manifest, version, root, code))
+            types_done += len(t)
+            stage("generate", types_done, n_types)
             done(5 + 70 * i / len(jobs))
     pairs = merge_pairs([p for paths in per_category for p in paths], str(layout.pairs), code)
 
     # quality gates, downstream detectors, report
+    stage("gates", 0, 1)
     gates = run_gates(cfg_json, pairs, manifest, version, root, code)
+    stage("gates", 1, 1)
     done(80)
     if cfg.detector.enabled:
+        stage("detect", 0, 1)
         dispatch(cfg_json, "detect", "all", [], manifest, version, root, code, pairs=pairs)
+        stage("detect", 1, 1)
     done(92)
+    stage("report", 0, 1)
     report = render_report(cfg_json, pairs, version, root, code)
+    stage("report", 1, 1)
 
     # shards, publishing
+    stage("shards", 0, 1)
     index = write_shards(cfg_json, pairs, manifest, version, root, code)
+    stage("shards", 1, 1)
     done(97)
     published = None
     if cfg.publish.enabled and gates["publishable"]:
+        stage("publish", 0, 1)
         published = publish_version(cfg_json, version, root)
+        stage("publish", 1, 1)
     elif cfg.publish.enabled:
         logger.warning("version %s failed its gates: not published", version)
 
@@ -124,10 +164,41 @@ def factory(
         "shard_index": index,
         "pairs": pairs,
         "published": published,
+        "gates_on": gates.get("gates_on", []),
+        "gates_off": gates.get("gates_off", []),
     }
     _artifacts(result, Path(gates["reports"]) / "metrics.json")
     done(100)
+    if not gates["passed"]:
+        # After every output is written: the run ends Failed, with the gate table as its
+        # message, so a scheduled or work-pool run that fails its gates shows as failed.
+        raise VersionFailedGates(gate_table(version, gates), result)
     return result
+
+
+class VersionFailedGates(GatesFailed):
+    """The version's gates failed (exit 1); its outputs are kept and listed in ``result``."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self):  # Prefect pickles a flow's exception with its state
+        return (type(self), (str(self), self.result))
+
+
+def gate_table(version: str, gates: dict[str, Any]) -> str:
+    """The gate outcome as text: one line per type, failures first, with their reasons."""
+    types = gates["types"]
+    failed = sorted(t for t, ok in types.items() if not ok)
+    lines = [f"quality gates failed for {version}: {len(failed)} of {len(types)} types"]
+    reasons = gates.get("reasons", {})
+    width = max((len(t) for t in types), default=0)
+    for t in failed + sorted(t for t, ok in types.items() if ok):
+        why = "; ".join(reasons.get(t, []))
+        lines.append(f"  {t:<{width}}  {'FAIL' if not types[t] else 'pass'}  {why}".rstrip())
+    lines += [f"  version: {r}" for r in gates.get("version_reasons", [])]
+    return "\n".join(lines)
 
 
 def metric_rows(metrics_path: Path) -> list[dict[str, Any]]:

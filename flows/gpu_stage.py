@@ -79,9 +79,13 @@ def gpu_stage(
     code: str,
     pairs: str | None = None,
 ) -> list[str]:
-    """Run one GPU stage for one category; returns the produced paths."""
+    """Run one GPU stage for one category; returns the produced paths.
+
+    It runs in ``root``, the factory's data root, as the factory does: manifests name
+    files relative to it.
+    """
     cfg = config_from(cfg_json)
-    with _Heartbeat():
+    with contextlib.chdir(root), _Heartbeat():
         if stage == "detect":
             if pairs is None:
                 raise ValueError("gpu_stage(stage='detect') needs the pairs manifest")

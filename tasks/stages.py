@@ -154,11 +154,17 @@ def run_gates(
 
 
 def _gate_summary(result: Any, reports: Path) -> dict[str, Any]:
+    """The decision, the reasons per type and which gates ran or were off (for the run's
+    Failed message and the CLI's summary)."""
     return {
         "passed": bool(result.passed),
         "publishable": bool(result.publishable),
         "reports": str(reports),
         "types": {name: bool(t.passed) for name, t in result.types.items()},
+        "reasons": {name: list(t.reasons) for name, t in result.types.items()},
+        "version_reasons": list(result.version_reasons),
+        "gates_on": [g["gate"] for g in result.gates if g["on"]],
+        "gates_off": [g["gate"] for g in result.gates if not g["on"]],
     }
 
 

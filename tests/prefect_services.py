@@ -30,6 +30,7 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
         PREFECT_UI_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",
         HF_HUB_OFFLINE="1",
@@ -52,12 +53,12 @@ def wait_healthy(api_url: str, proc: subprocess.Popen, timeout: float = 120) -> 
 
 
 class PrefectServer:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.env = prefect_env(home, self.api_url)
+        self.env = prefect_env(home, self.api_url) | (extra_env or {})
         self.log = open(home / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen(
             [
@@ -78,11 +79,13 @@ class PrefectServer:
         )
         wait_healthy(self.api_url, self.proc)
 
-    def start_worker(self, pool: str, name: str, cwd: Path) -> subprocess.Popen:
+    def start_worker(
+        self, pool: str, name: str, cwd: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = open(self.home / f"worker-{name}.log", "ab")  # noqa: SIM115 (handed to the worker)
         return subprocess.Popen(
             [str(BIN / "anomaly-factory"), "worker", "--pool", pool, "--name", name],
-            env=self.env,
+            env=self.env | (env or {}),
             cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,

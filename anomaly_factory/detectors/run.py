@@ -30,7 +30,7 @@ from anomaly_factory.detectors.data import assert_split_integrity, train_normals
 from anomaly_factory.detectors.evaluate import LOCALIZATION_METRICS
 from anomaly_factory.detectors.export import export_category
 from anomaly_factory.generators.registry import get_generator
-from anomaly_factory.io import atomic_write_json, sha256_file
+from anomaly_factory.io import atomic_write_json, portable_path, sha256_file
 from anomaly_factory.manifest import read_images, read_pairs
 
 METRICS_FILE = "detector_metrics.json"
@@ -140,9 +140,9 @@ def run_detectors(cfg: FactoryConfig, pairs_path: Path, manifest_path: Path, out
     write_comparison(rows, out_dir)
     given_generators = sorted(pairs["generator"].unique())
     report = {
-        "pairs": str(pairs_path),
+        "pairs": portable_path(pairs_path),
         "pairs_sha256": pairs_sha,
-        "manifest": str(manifest_path),
+        "manifest": portable_path(manifest_path),
         "profile": cfg.profile,
         **version,
         "generators": given_generators,

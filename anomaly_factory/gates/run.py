@@ -30,7 +30,13 @@ from anomaly_factory.config import FactoryConfig
 from anomaly_factory.gates.decide import GateResult, decide, write_gates
 from anomaly_factory.gates.expectations import pair_table, type_id, type_table
 from anomaly_factory.gates.pair_checks import PAIR_CHECKS_FILE, as_trained, failure_counts
-from anomaly_factory.io import atomic_write_json, remove_stale, sha256_file, stale_temp_files
+from anomaly_factory.io import (
+    atomic_write_json,
+    portable_path,
+    remove_stale,
+    sha256_file,
+    stale_temp_files,
+)
 from anomaly_factory.manifest import ManifestError, read_images
 from anomaly_factory.metrics.features import FeatureExtractor, load_extractor, load_rgb
 from anomaly_factory.metrics.ic_lpips import ic_lpips, load_lpips
@@ -224,9 +230,9 @@ def compute_metrics(
         "profile": cfg.profile,
         "config_hash": cfg.hash(),
         "inputs": {
-            "pairs": str(pairs_path),
+            "pairs": portable_path(pairs_path),
             "pairs_sha256": sha256_file(pairs_path),
-            "manifest": str(manifest_path),
+            "manifest": portable_path(manifest_path),
             "manifest_sha256": sha256_file(manifest_path),
         },
         "types": types,
@@ -302,7 +308,8 @@ def run_gates(
     absolute_off = absolute_gates_apply(metrics)
     report = run_expectations(pairs, types, g, expected, out, context, validated, absolute_off)
     result = decide(metrics["types"], report.checks, report.data_docs)
-    result.out_dir = str(out)
+    result.out_dir = portable_path(out)
+    result.data_docs = portable_path(result.data_docs) if result.data_docs else None
     result.gates = gate_catalogue(cfg, metrics, absolute_off)
     result.on_pair_failure = g.on_pair_failure
     _attach_type_details(result, types, checks)

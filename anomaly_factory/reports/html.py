@@ -1,12 +1,13 @@
 """One self-contained HTML page per generated version (viewable offline).
 
-It shows the gate outcome; which gates ran (threshold, what measured them) and
-which were off and why; the metric table with the provenance of every number
-(feature extractor and weights hash); the pixel checks per type with the worst
-failing pairs as images and their reasons; a sample grid per anomaly type
-(normal | mask overlay | generated; thumbnails embedded as data URIs), links to
-the great-expectations Data Docs, and, when the detector stage has written
-``detector_metrics.json`` / ``comparison.json`` next to it, a downstream table.
+From the top: the verdict, with the gates that ran (threshold, what measured them) and
+those that were off and why; charts (the downstream detectors per category, the given
+generator against Perlin, CutPaste and no synthetic data; KID and IC-LPIPS per type);
+compact tables of the same numbers; the pixel checks per type with the worst failing
+pairs and their reasons; a sample grid per anomaly type (normal | mask over the normal |
+generated; thumbnails embedded as data URIs); and last the provenance of every number
+(feature extractors and weights hashes, detector models and schedules, data hashes).
+Hashes live only in that last section.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ MAX_EMBED = 256  # px: larger images are downscaled before embedding
 OVERLAY_RGB = np.array([255, 40, 40], np.float32)
 OVERLAY_ALPHA = 0.45
 DOWNSTREAM_FILES = ("detector_metrics.json", "comparison.json")
+WEIGHTS_HASH = re.compile(r" \(weights [0-9a-f]{6,}\)")  # hashes live in the provenance
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;
@@ -44,6 +47,9 @@ th{background:#eceff3}.num{text-align:right;font-variant-numeric:tabular-nums}
 border:1px solid #d9dde3}.sample img{width:160px;height:160px;image-rendering:pixelated;
 margin-right:4px}.caption{font-size:12px;color:#555}.mono{font-family:monospace;font-size:12px}
 .reasons{color:#c5221f;font-size:13px}
+.verdict{background:#fff;border:1px solid #d9dde3;padding:12px 16px;margin:12px 0}
+.verdict h2{margin-top:8px}.chart{max-width:100%;background:#fff;border:1px solid #d9dde3}
+.off-list{color:#5f6368}
 """
 
 
@@ -69,7 +75,7 @@ def data_uri(image: np.ndarray) -> str:
 
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The generated image with the mask tinted red."""
+    """``image`` (the normal the defect was painted into) with the mask tinted red."""
     if mask.shape != image.shape[:2]:
         mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
     out = image.astype(np.float32)
@@ -93,8 +99,8 @@ def _sample_cell(row: pd.Series, reasons: str | None = None) -> str:
     for label, arr in (
         ("normal", normal),
         (
-            "mask overlay",
-            mask_overlay(image, mask) if image is not None and mask is not None else None,
+            "mask on the normal",
+            mask_overlay(normal, mask) if normal is not None and mask is not None else None,
         ),
         ("generated", image),
     ):
@@ -110,7 +116,9 @@ def _sample_cell(row: pd.Series, reasons: str | None = None) -> str:
 
 
 def _samples_section(pairs: pd.DataFrame, types: list[str], n_samples: int) -> str:
-    out = ["<h2>Samples <span class='caption'>(normal | mask overlay | generated)</span></h2>"]
+    out = [
+        "<h2>Samples <span class='caption'>(normal | mask on the normal | generated)</span></h2>"
+    ]
     for tid in types:
         rows = pairs[pairs["type_id"] == tid].head(n_samples) if len(pairs) else pairs
         out.append(f"<h3>{_e(tid)}</h3>")
@@ -122,34 +130,103 @@ def _samples_section(pairs: pd.DataFrame, types: list[str], n_samples: int) -> s
     return "\n".join(out)
 
 
-def _gates_section(gates: dict[str, Any]) -> str:
-    """Which gates ran, with their thresholds and what measured them; which were off, why."""
-    entries = gates.get("gates") or []
-    if not entries:
-        return ""
-    rows = []
-    for e in entries:
-        state = (
-            '<span class="badge pass">on</span>'
-            if e.get("on")
-            else '<span class="badge off">off</span>'
-        )
-        rows.append(
-            f"<tr><td class='mono'>{_e(e.get('gate'))}</td><td>{_e(e.get('level'))}</td>"
-            f"<td>{state}</td><td class='mono'>{_e(e.get('threshold'))}</td>"
-            f"<td>{_e(e.get('measured_with'))}</td><td>{_e(e.get('why_off') or '')}</td></tr>"
-        )
-    mode = gates.get("on_pair_failure", "fail")
+def _verdict_section(g: dict[str, Any], types: list[str]) -> str:
+    """The decision first, then the gates that made it (with thresholds) and those that
+    were off, so "publishable" is never read as "every gate passed"."""
+    entries = g.get("gates") or []
+    ran = [e for e in entries if e.get("on")]
+    off = [e for e in entries if not e.get("on")]
+    n_failed = sum(1 for t in g.get("types", {}).values() if not t["passed"])
+    if g.get("passed"):
+        badge = '<span class="badge pass">PUBLISHABLE</span>'
+        said = f"the {len(ran)} gates that ran passed for all {len(types)} types"
+    else:
+        badge = '<span class="badge fail">NOT PUBLISHABLE · gates failed</span>'
+        said = f"{n_failed} of {len(types)} types failed"
+    if off:
+        said += f"; {len(off)} gates were off"
+    version_reasons = "".join(f"<li>{_e(r)}</li>" for r in g.get("version_reasons", []))
+    failed_types = "".join(
+        f"<li><b>{_e(t)}</b>: {_e('; '.join(v.get('reasons') or []))}</li>"
+        for t, v in sorted(g.get("types", {}).items())
+        if not v["passed"]
+    )
+    ran_rows = "".join(
+        f"<tr><td class='mono'>{_e(e.get('gate'))}</td><td>{_e(e.get('level'))}</td>"
+        f"<td class='mono'>{_e(e.get('threshold'))}</td>"
+        f"<td>{_e(WEIGHTS_HASH.sub('', str(e.get('measured_with'))))}</td></tr>"
+        for e in ran
+    )
+    off_rows = "".join(
+        f"<li><span class='mono'>{_e(e.get('gate'))}</span>: {_e(e.get('why_off'))}</li>"
+        for e in off
+    )
+    mode = g.get("on_pair_failure", "fail")
     note = (
         "failing pairs are dropped; each type publishes its first passing pairs"
         if mode == "drop"
         else "a failing pair fails its type"
     )
     return (
-        f"<h2>Gates</h2><p>on_pair_failure: <b>{_e(mode)}</b> ({_e(note)})</p><table>"
-        "<tr><th>gate</th><th>level</th><th>state</th><th>threshold</th><th>measured with</th>"
-        f"<th>why off</th></tr>{''.join(rows)}</table>"
+        f"<div class='verdict'><p>{badge} &nbsp; {_e(said)}.</p>"
+        + (
+            f"<ul class='reasons'>{failed_types}{version_reasons}</ul>"
+            if failed_types or version_reasons
+            else ""
+        )
+        + f"<h2>Gates that ran ({len(ran)})</h2><p class='caption'>on_pair_failure: "
+        f"<b>{_e(mode)}</b> ({_e(note)})</p><table><tr><th>gate</th><th>level</th>"
+        f"<th>threshold</th><th>measured with</th></tr>{ran_rows}</table>"
+        + (
+            f"<h2>Gates that were off ({len(off)})</h2><ul class='off-list'>{off_rows}</ul>"
+            if off
+            else ""
+        )
+        + "</div>"
     )
+
+
+def _chart(png: bytes | None, alt: str) -> str:
+    if png is None:
+        return ""
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    return f"<p><img class='chart' alt='{_e(alt)}' title='{_e(alt)}' src='{uri}'></p>"
+
+
+def _read_rows(out_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """The downstream comparison rows (``comparison.json``, else ``detector_metrics.json``)."""
+    for name in DOWNSTREAM_FILES[::-1]:
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return [], f"<p class='reasons'>{_e(name)}: unreadable ({_e(exc)})</p>"
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+            return rows, ""
+    return [], ""
+
+
+def _charts_section(metrics: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    from anomaly_factory.reports.charts import downstream_chart, type_metrics_chart
+
+    parts = []
+    if rows:
+        parts.append(
+            "<h2>Downstream detectors: the generator against the baselines</h2>"
+            "<p class='caption'>The same detectors, seed and schedule trained on each "
+            "generator's pairs (Perlin and CutPaste with the same count per type; no "
+            "synthetic data = the unsupervised reference), scored on the real test split. "
+            "Dashed line: chance.</p>"
+            + _chart(downstream_chart(rows), "downstream metrics per category")
+        )
+    parts.append(
+        "<h2>KID and IC-LPIPS per anomaly type</h2>"
+        + _chart(type_metrics_chart(metrics), "KID and IC-LPIPS per type")
+    )
+    return "".join(parts)
 
 
 def _pair_checks_section(
@@ -160,21 +237,18 @@ def _pair_checks_section(
         return ""
     from anomaly_factory.gates.pair_checks import CHECK_NAMES, failure_counts
 
-    head = "".join(f"<th class='mono'>{_e(c)}</th>" for c in CHECK_NAMES)
     rows, worst = [], []
     by_key = {row["key"]: row for _, row in pairs.iterrows()}
     for tid in types:
         mine = checks[checks["type_id"] == tid]
         counts = failure_counts(mine)
-        cells = "".join(
-            f"<td class='num{' reasons' if counts[c] else ''}'>{counts[c]}</td>"
-            for c in CHECK_NAMES
-        )
+        failed = ", ".join(f"{c} {counts[c]}" for c in CHECK_NAMES if counts[c])
         published = int(mine["published"].sum()) if "published" in mine else len(mine)
         rows.append(
             f"<tr><td>{_e(tid)}</td><td class='num'>{len(mine)}</td>"
             f"<td class='num'>{int(mine['passed'].sum())}</td><td class='num'>{published}</td>"
-            f"<td class='num'>{_fmt(mine['bg_psnr'].median(), 1)}</td>{cells}</tr>"
+            f"<td class='num'>{_fmt(mine['bg_psnr'].median(), 1)}</td>"
+            f"<td class='{'reasons mono' if failed else 'mono'}'>{_e(failed or 'none')}</td></tr>"
         )
         failing = mine[~mine["passed"]].copy()
         if failing.empty:
@@ -194,13 +268,14 @@ def _pair_checks_section(
         )
     table = (
         "<table><tr><th>type</th><th>candidates</th><th>pass</th><th>published</th>"
-        f"<th>median PSNR out</th>{head}</tr>{''.join(rows)}</table>"
+        f"<th>median PSNR out</th><th>failed checks (pairs)</th></tr>{''.join(rows)}</table>"
     )
     return (
-        "<h2>Pixel checks <span class='caption'>(failures per check)</span></h2>"
+        "<h2>Pixel checks <span class='caption'>(per type; the checks are listed under "
+        "Gates that ran)</span></h2>"
         + table
         + (
-            "<h2>Worst failing pairs <span class='caption'>(normal | mask overlay | generated)"
+            "<h2>Worst failing pairs <span class='caption'>(normal | mask on the normal | generated)"
             "</span></h2>" + "".join(worst)
             if worst
             else ""
@@ -213,7 +288,6 @@ def _metrics_section(
 ) -> str:
     kid, lp = metrics.get("kid", {}), metrics.get("ic_lpips", {})
     region = metrics.get("kid_region", {}).get("per_type", {})
-    prov, lprov = kid.get("provenance", {}), lp.get("provenance", {})
     head = (
         "<tr><th>type</th><th>pairs</th><th>KID×10³</th><th>± std</th><th>KID subset</th>"
         "<th>region KID×10³ gen / normals / cutpaste</th>"
@@ -253,62 +327,104 @@ def _metrics_section(
         f"<td></td><td></td><td></td><th class='num'>{_fmt(lp.get('mean'))}</th><td></td><td></td>"
         "<td></td><td></td></tr>"
     )
-    provenance = (
-        "<table>"
-        f"<tr><th>KID extractor</th><td class='mono'>{_e(prov.get('extractor'))}</td></tr>"
-        f"<tr><th>KID weights sha256</th><td class='mono'>{_e(prov.get('weights_sha256'))}</td></tr>"
-        f"<tr><th>KID weights source</th><td class='mono'>{_e(prov.get('weights_source'))}</td></tr>"
-        f"<tr><th>standard Inception (comparable with papers)</th><td>{_e(prov.get('standard'))}</td></tr>"
-        f"<tr><th>KID kernel / real images</th><td>{_e(kid.get('kernel'))}; real = "
-        f"{_e(kid.get('real_split'))} anomaly images of the type; seed {_e(kid.get('seed'))}</td></tr>"
-        f"<tr><th>IC-LPIPS backbone</th><td class='mono'>{_e(lprov.get('backbone'))} · trunk "
-        f"{_e(lprov.get('trunk'))} · {_e(lp.get('resolution'))} px · ≤{_e(lp.get('max_per_cluster'))}"
-        f" per cluster</td></tr>"
-        f"<tr><th>IC-LPIPS weights sha256</th><td class='mono'>{_e(lprov.get('weights_sha256'))}</td></tr>"
-        "</table>"
+    return f"<h2>Metrics per type</h2><table>{head}{''.join(rows)}</table>"
+
+
+def _downstream_table(rows: list[dict[str, Any]]) -> str:
+    """One row per (category, generator); the numbers of the chart, no hashes."""
+    from anomaly_factory.reports.charts import (
+        DOWNSTREAM_METRICS,
+        downstream_table,
+        generator_label,
+        generator_order,
     )
-    return f"<h2>Metrics</h2><table>{head}{''.join(rows)}</table><h3>Provenance</h3>{provenance}"
+
+    table = downstream_table(rows)
+    if not table:
+        return ""
+    head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in DOWNSTREAM_METRICS)
+    body = []
+    for category in sorted(table):
+        for g in generator_order(set(table[category])):
+            cell = table[category][g]
+            values = "".join(
+                f"<td class='num'>{_fmt(cell.get(m))}</td>" for m, _, _ in DOWNSTREAM_METRICS
+            )
+            body.append(
+                f"<tr><td>{_e(category)}</td><td>{_e(generator_label(g))}</td>{values}"
+                f"<td class='num'>{_fmt(cell.get('n_pairs'))}</td></tr>"
+            )
+    return (
+        "<h2>Downstream detectors</h2><table><tr><th>category</th><th>trained on</th>"
+        f"{head}<th>pairs</th></tr>{''.join(body)}</table>"
+    )
 
 
-def _table_from_rows(rows: list[dict[str, Any]]) -> str:
-    cols: list[str] = []
+def _provenance_section(metrics: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> str:
+    """Where every number comes from: extractors, weights, detector models and schedules,
+    data hashes. The only place hashes appear."""
+    kid, lp = metrics.get("kid", {}), metrics.get("ic_lpips", {})
+    prov, lprov = kid.get("provenance", {}), lp.get("provenance", {})
+    inputs = metrics.get("inputs", {})
+
+    def row(name: str, value: Any, mono: bool = True) -> str:
+        return f"<tr><th>{_e(name)}</th><td class='{'mono' if mono else ''}'>{_e(value)}</td></tr>"
+
+    lines = [
+        row("pairs manifest", f"{inputs.get('pairs')} · sha256 {inputs.get('pairs_sha256')}"),
+        row("image manifest", f"{inputs.get('manifest')} · sha256 {inputs.get('manifest_sha256')}"),
+        row("config", f"profile {metrics.get('profile')} · hash {metrics.get('config_hash')}"),
+        row("KID extractor", prov.get("extractor")),
+        row("KID weights sha256", prov.get("weights_sha256")),
+        row("KID weights source", prov.get("weights_source")),
+        row("standard Inception (comparable with papers)", prov.get("standard"), mono=False),
+        row(
+            "KID kernel / real images",
+            f"{kid.get('kernel')}; real = {kid.get('real_split')} anomaly images of the type; "
+            f"seed {kid.get('seed')}",
+            mono=False,
+        ),
+        row(
+            "IC-LPIPS backbone",
+            f"{lprov.get('backbone')} · trunk {lprov.get('trunk')} · {lp.get('resolution')} px"
+            f" · ≤{lp.get('max_per_cluster')} per cluster",
+        ),
+        row("IC-LPIPS weights sha256", lprov.get("weights_sha256")),
+    ]
+    detector_rows = []
+    seen = set()
     for r in rows:
-        cols += [c for c in r if c not in cols]
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td class='num'>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>"
-        for r in rows
+        key = (r.get("category"), r.get("generator"), r.get("model"))
+        if key in seen:
+            continue
+        seen.add(key)
+        detector_rows.append(
+            "<tr>"
+            + "".join(
+                f"<td class='mono'>{_e(r.get(c))}</td>"
+                for c in ("category", "generator", "task", "model", "schedule", "pairs_sha256")
+            )
+            + "</tr>"
+        )
+    version = rows[0] if rows else {}
+    detectors = (
+        "<h3>Downstream detectors</h3><p class='caption mono'>manifest sha256 "
+        f"{_e(version.get('manifest_sha256'))} · config {_e(version.get('config_hash'))} · "
+        f"seed {_e(version.get('seed'))} · {_e(version.get('resolution'))} px</p><table><tr>"
+        "<th>category</th><th>generator</th><th>task</th><th>model</th><th>schedule</th>"
+        f"<th>pairs sha256</th></tr>{''.join(detector_rows)}</table>"
+        if rows
+        else ""
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj if not isinstance(obj, list) else json.dumps(obj)}
-
-
-def _downstream_section(out_dir: Path) -> str:
-    parts = []
-    for name in DOWNSTREAM_FILES:
-        path = out_dir / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            parts.append(f"<p class='reasons'>{_e(name)}: unreadable ({_e(exc)})</p>")
-            continue
-        rows = data.get("rows") if isinstance(data, dict) else None
-        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
-            table = _table_from_rows(rows)
-        else:
-            table = _table_from_rows([{"field": k, "value": v} for k, v in _flatten(data).items()])
-        parts.append(f"<h3><a href='{_e(name)}'>{_e(name)}</a></h3>{table}")
-    return "<h2>Downstream detectors</h2>" + "".join(parts) if parts else ""
+    files = " · ".join(
+        f"<a href='{n}'>{n}</a>"
+        for n in ("metrics.json", "gates.json", "pair_checks.parquet", *DOWNSTREAM_FILES)
+        if (out_dir / n).is_file()
+    )
+    return (
+        f"<h2>Provenance</h2><p>{files}</p><h3>Metrics</h3><table>{''.join(lines)}</table>"
+        f"{detectors}"
+    )
 
 
 def _relative(path: str | None, out_dir: Path) -> str | None:
@@ -336,33 +452,21 @@ def render_report(
     g = gates.as_dict() if hasattr(gates, "as_dict") else dict(gates)
     types = list(metrics.get("types", []))
     n_pairs = pairs["type_id"].value_counts().to_dict() if len(pairs) else {}
-    passed = bool(g.get("passed"))
-    badge = (
-        '<span class="badge pass">ALL GATES PASSED · publishable</span>'
-        if passed
-        else '<span class="badge fail">GATES FAILED · not publishable</span>'
-    )
     docs = _relative(g.get("data_docs"), out_dir)
-    links = [f"<a href='{_e(docs)}'>great-expectations Data Docs</a>"] if docs else []
-    links += [
-        f"<a href='{n}'>{n}</a>" for n in ("metrics.json", "gates.json", "pair_checks.parquet")
-    ]
-    n_failed = sum(1 for t in g.get("types", {}).values() if not t["passed"])
-    version_reasons = "".join(f"<li>{_e(r)}</li>" for r in g.get("version_reasons", []))
-    inputs = metrics.get("inputs", {})
+    rows, unreadable = _read_rows(out_dir)
     body = [
         f"<h1>{_e(title or out_dir.name)}</h1>",
-        f"<p>{badge} &nbsp; {len(types) - n_failed}/{len(types)} types pass · profile "
-        f"<b>{_e(metrics.get('profile'))}</b> · config {_e(metrics.get('config_hash'))}</p>",
-        f"<p>{' · '.join(links)}</p>",
-        f"<p class='caption mono'>pairs {_e(inputs.get('pairs'))} · manifest "
-        f"{_e(inputs.get('manifest'))}</p>",
-        f"<ul class='reasons'>{version_reasons}</ul>" if version_reasons else "",
-        _gates_section(g),
+        f"<p class='caption'>profile <b>{_e(metrics.get('profile'))}</b> · config "
+        f"{_e(metrics.get('config_hash'))}"
+        + (f" · <a href='{_e(docs)}'>great-expectations Data Docs</a>" if docs else "")
+        + "</p>",
+        _verdict_section(g, types),
+        _charts_section(metrics, rows),
         _metrics_section(metrics, g, n_pairs),
+        _downstream_table(rows) + unreadable,
         _pair_checks_section(checks, pairs, types, n_samples),
-        _downstream_section(out_dir),
         _samples_section(pairs, types, n_samples),
+        _provenance_section(metrics, rows, out_dir),
     ]
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

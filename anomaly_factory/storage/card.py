@@ -3,7 +3,8 @@
 ``card.json`` is the machine-readable record and the version's completion marker: it is
 written last (locally and on S3), and it lists every other file of the version with its
 sha256, so a pinned version can be checked byte for byte. ``card.md`` is the same
-content for people. The card holds no timestamps, so the same inputs give the same card.
+content for people. The card holds no timestamps, so the same inputs give the same card,
+and no absolute local paths: inputs are named relative to the data root.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from anomaly_factory.io import atomic_write_json, atomic_write_text, sha256_file
+from anomaly_factory.io import atomic_write_json, atomic_write_text, portable_path, sha256_file
 from anomaly_factory.manifest import read_images
 from anomaly_factory.provenance import code_version
 
@@ -146,8 +147,8 @@ def build_card(
             "note": "generated pairs derive from the source images; the source licence applies",
         },
         "inputs": {
-            "pairs_manifests": {p.as_posix(): sha256_file(p) for p in pairs_paths},
-            "image_manifests": {p.as_posix(): sha256_file(p) for p in manifest_paths},
+            "pairs_manifests": {portable_path(p): sha256_file(p) for p in pairs_paths},
+            "image_manifests": {portable_path(p): sha256_file(p) for p in manifest_paths},
         },
         "config": {
             "profile": config.profile,

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -335,9 +336,10 @@ def pretrain_tiny(
     """Train the autoencoder, then the UNet's inpainting, on a category's normal images.
 
     Stands in for SD2's pretraining (from random weights, ``base: scratch``) or adapts
-    the bundled base to the category (``base: bundled``); see ``pretrain.py``. The
-    VAE stays deterministic and its ``scaling_factor`` is 1/std of the latents.
-    Returns the final losses.
+    the bundled base to the category (``base: bundled``: its decoder only, so the
+    latent space stays the one its UNet knows); see ``pretrain.py``. The VAE stays
+    deterministic and its ``scaling_factor`` is 1/std of the latents. Returns the
+    final losses.
     """
     from anomaly_factory.generators.magic import pretrain
 
@@ -347,19 +349,30 @@ def pretrain_tiny(
     pipe.text_encoder.to(device)
     bs = tiny.pretrain_batch_size
     with _progress(show_progress) as progress:
-        vae_loss = pretrain.train_autoencoder(
-            pipe.vae,
-            images,
-            tiny.pretrain_vae_steps,
-            tiny.pretrain_lr,
-            bs,
-            tiny.pretrain_crop,
-            gen,
-            progress,
-        )
-        if tiny.pretrain_vae_steps or tiny.base == "scratch":
+        if tiny.base == "scratch":
+            vae_loss = pretrain.train_autoencoder(
+                pipe.vae,
+                images,
+                tiny.pretrain_vae_steps,
+                tiny.pretrain_lr,
+                bs,
+                tiny.pretrain_crop,
+                gen,
+                progress,
+            )
             pretrain.make_deterministic(pipe.vae)
             pretrain.set_latent_scale(pipe.vae, images)
+        else:  # the bundled base's latent space is what its UNet knows: adapt the decoder only
+            vae_loss = pretrain.adapt_decoder(
+                pipe.vae,
+                images,
+                tiny.pretrain_vae_steps,
+                tiny.pretrain_lr,
+                bs,
+                tiny.pretrain_crop,
+                gen,
+                progress,
+            )
         unet_loss = pretrain.train_inpainting(
             pipe,
             images,
@@ -434,10 +447,8 @@ def _progress(enabled: bool):
 
 # --------------------------------------------------------------------------- tiny cache
 def tiny_cache_dir(cfg: FactoryConfig, category: str, manifest_path: Path) -> Path:
-    """``cache_dir/tiny/<category>-<hash of model config + train images>``."""
-    df = select(read_images(manifest_path), category=category, split="train")
-    if df.empty:
-        raise ValueError(f"{manifest_path}: no 'train' images for category {category!r}")
+    """``cache_dir/tiny/<category>-<hash of model config + pretraining images>``."""
+    df = pretrain_rows(manifest_path, category)
     key = {
         "model": cfg.model.model_dump(mode="json", exclude={"cache_dir", "device", "pretrained"}),
         "words": tokenizer_words(cfg.finetune, cfg.model.tiny),
@@ -455,7 +466,7 @@ def _base_digest(cfg: FactoryConfig) -> str | None:
         return None
     from anomaly_factory.generators.magic.tiny_base import bundled_folder
 
-    return bundled_folder().name
+    return bundled_folder(cfg.model.tiny.base_folder).name
 
 
 def tiny_start(cfg: FactoryConfig) -> StableDiffusionInpaintPipeline:
@@ -464,7 +475,7 @@ def tiny_start(cfg: FactoryConfig) -> StableDiffusionInpaintPipeline:
         return build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
     from anomaly_factory.generators.magic.tiny_base import bundled_folder, check_shapes
 
-    folder = bundled_folder()
+    folder = bundled_folder(cfg.model.tiny.base_folder)
     check_shapes(cfg, folder)
     cpu = cfg.model.model_copy(update={"device": "cpu", "dtype": "float32"})
     pipe = from_folder(folder, cpu, cfg.generate.scheduler)
@@ -477,8 +488,19 @@ def _latent_size(model: ModelSection) -> int:
     return model.resolution // 2 ** (len(model.tiny.vae_channels) - 1)
 
 
+def pretrain_rows(manifest_path: Path, category: str) -> pd.DataFrame:
+    """The images a category's tiny model is pretrained on: its ``train`` normals and its
+    few-shot anomalies (every type's; the fine-tuning data, never a test image), so the
+    decoder learns the defects' colours as well as the object's."""
+    images = read_images(manifest_path)
+    train = select(images, category=category, split="train")
+    if train.empty:
+        raise ValueError(f"{manifest_path}: no 'train' images for category {category!r}")
+    return pd.concat([train, select(images, category=category, split="fewshot")])
+
+
 def train_images(manifest_path: Path, category: str, size: int) -> torch.Tensor:
-    df = select(read_images(manifest_path), category=category, split="train")
+    df = pretrain_rows(manifest_path, category)
     paths = [resolve_path(p, manifest_path) for p in df["image_path"]]
     return torch.stack([load_image(p, size) for p in paths])
 

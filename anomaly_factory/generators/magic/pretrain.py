@@ -80,6 +80,59 @@ def train_autoencoder(
     return float(loss.detach())
 
 
+def adapt_decoder(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    crop: int | None,
+    gen: torch.Generator,
+    progress=None,
+) -> float:
+    """Fine-tune only the decoder to reconstruct ``images`` from their frozen latents; last loss.
+
+    The encoder, and so the latent space the UNet was trained in, stays as it is
+    (as SD's ft-MSE decoder was fine-tuned), while the small base's colours are
+    corrected for one category's images. Crops are aligned to the latent grid.
+    """
+    if steps == 0:
+        return float("nan")
+    device = next(vae.parameters()).device
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.no_grad():
+        latents = torch.cat(
+            [
+                vae.encode(images[i : i + 32].to(device)).latent_dist.mean
+                for i in range(0, len(images), 32)
+            ]
+        )
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
+    schedule = _lr_schedule(opt, lr, steps)
+    vae.decoder.train().requires_grad_(True)
+    task = progress.add_task("adapt VAE decoder", total=steps) if progress else None
+    size = latents.shape[-1]
+    cell = size if crop is None else max(1, min(size, crop // factor))
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        y, x = torch.randint(0, size - cell + 1, (2,), generator=gen).tolist()
+        z = latents[idx][..., y : y + cell, x : x + cell]
+        target = images[idx][
+            ..., y * factor : (y + cell) * factor, x * factor : (x + cell) * factor
+        ].to(device)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, target) + L1_WEIGHT * F.l1_loss(recon, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if progress:
+            progress.advance(task)
+    vae.eval().requires_grad_(False)
+    return float(loss.detach())
+
+
 @torch.no_grad()
 def make_deterministic(vae: AutoencoderKL) -> None:
     """Pin the posterior's log-variance to its floor: ``sample()`` becomes the mean."""
