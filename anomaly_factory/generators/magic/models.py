@@ -284,6 +284,28 @@ def random_box_masks(
     return out
 
 
+def draw_ellipse(canvas: np.ndarray, rng: np.random.Generator, c: tuple[int, int], r: int) -> None:
+    """A filled ellipse of half-axis ``r`` at ``c``, random aspect and angle, drawn as 1s."""
+    import cv2
+
+    axes = (r, max(1, int(r * rng.uniform(0.3, 1.0))))
+    cv2.ellipse(canvas, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+
+
+def draw_stroke(
+    canvas: np.ndarray, rng: np.random.Generator, c: tuple[int, int], r: int, max_width: int
+) -> None:
+    """A brush stroke of 1-4 bending segments of length ``r`` from ``c``, drawn as 1s."""
+    import cv2
+
+    pts = [c]
+    a = rng.uniform(0, 2 * np.pi)
+    for _ in range(int(rng.integers(1, 5))):
+        a += rng.uniform(-1, 1)
+        pts.append((int(pts[-1][0] + r * np.cos(a)), int(pts[-1][1] + r * np.sin(a))))
+    cv2.polylines(canvas, [np.array(pts, np.int32)], False, 1, int(rng.integers(1, max_width + 1)))
+
+
 def random_inpaint_masks(
     n: int, size: int, max_frac: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -292,8 +314,6 @@ def random_inpaint_masks(
     Boxes alone taught the tiny UNet nothing about thin or round regions, which is
     what the mask generator produces (scratches, cracks, spots).
     """
-    import cv2
-
     boxes = random_box_masks(n, size, max_frac, generator)
     seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator).tolist()
     for i, seed in enumerate(seeds):
@@ -305,15 +325,9 @@ def random_inpaint_masks(
         c = (int(rng.integers(size)), int(rng.integers(size)))
         r = max(2, int(rng.uniform(0.04, max_frac / 2) * size))
         if kind == 1:
-            axes = (r, max(1, int(r * rng.uniform(0.3, 1.0))))
-            cv2.ellipse(m, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+            draw_ellipse(m, rng, c, r)
         else:
-            pts = [c]
-            a = rng.uniform(0, 2 * np.pi)
-            for _ in range(int(rng.integers(1, 5))):
-                a += rng.uniform(-1, 1)
-                pts.append((int(pts[-1][0] + r * np.cos(a)), int(pts[-1][1] + r * np.sin(a))))
-            cv2.polylines(m, [np.array(pts, np.int32)], False, 1, int(rng.integers(1, 5)))
+            draw_stroke(m, rng, c, r, max_width=4)
         boxes[i, 0] = torch.from_numpy(m.astype(np.float32))
     return boxes
 

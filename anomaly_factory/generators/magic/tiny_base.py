@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.generators.magic.models import draw_ellipse, draw_stroke
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +138,9 @@ def _draw_shape(canvas: np.ndarray, rng: np.random.Generator, size: int, scale: 
         pts = np.stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)], 1)
         cv2.fillPoly(canvas, [pts.round().astype(np.int32)], 1)
     elif kind == 1:
-        axes = (r, max(1, int(r * rng.uniform(0.3, 1.0))))
-        cv2.ellipse(canvas, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        draw_ellipse(canvas, rng, c, r)
     else:
-        pts = [c]
-        a = rng.uniform(0, 2 * np.pi)
-        for _ in range(int(rng.integers(1, 5))):
-            a += rng.uniform(-1, 1)
-            pts.append((int(pts[-1][0] + r * np.cos(a)), int(pts[-1][1] + r * np.sin(a))))
-        cv2.polylines(canvas, [np.array(pts, np.int32)], False, 1, int(rng.integers(1, 4)))
+        draw_stroke(canvas, rng, c, r, max_width=3)
 
 
 def procedural_image(rng: np.random.Generator, size: int) -> np.ndarray:
