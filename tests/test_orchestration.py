@@ -300,7 +300,9 @@ def test_failed_gate_exits_nonzero_and_keeps_outputs(api, tmp_path, monkeypatch)
         tmp_path / "pipelines.yaml",
         demo={"categories": ["nut_demo"]},
         detector={"enabled": False},
-        gates={"kid_max": 1e-12},
+        # no pixel changes by 1,000 grey levels: every pair fails its anomaly check (kid_max
+        # would not do: it applies only with the standard Inception weights)
+        gates={"pair_checks": {"change_min": 1000.0}},
     )
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(
