@@ -169,6 +169,9 @@ class TinyModelSection(Section):
     pretrain_unet_steps: Annotated[int, Field(ge=0)] = 100
     pretrain_lr: Positive = 3e-3
     pretrain_batch_size: PositiveInt = 8
+    pretrain_kl_weight: NonNegative = Field(
+        default=1e-6, description="base: scratch: KL weight of the VAE pretraining (SD's 1e-6)"
+    )
     pretrain_crop: PositiveInt | None = Field(
         default=64, description="VAE pretraining on random crops of this size (None: whole)"
     )
@@ -221,6 +224,12 @@ class FinetuneSection(Section):
     mask_loss_weight: Annotated[float, Field(ge=1)] = Field(
         default=1.0,
         description="Weight of the defect's latent cells in the loss (1 = the paper's plain MSE)",
+    )
+    latent_mask: Literal["nearest", "coverage"] = Field(
+        default="nearest",
+        description="How the defect mask goes onto the latent grid in the loss: nearest "
+        "(diffusers' fine-tuning) or coverage (as generate.latent_mask samples thin defects; "
+        "not the tiny default: unmeasured on the main job)",
     )
     log_every: PositiveInt = 10
     seed: int = 0

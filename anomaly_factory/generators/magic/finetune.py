@@ -114,7 +114,6 @@ def training_key(
             mode="json", exclude={"out_dir", "checkpoint_every", "keep_train_state", "log_every"}
         ),
         "scheduler": cfg.generate.scheduler.model_dump(mode="json"),
-        "latent_mask": [cfg.generate.latent_mask, cfg.generate.latent_mask_min_coverage],
         "base_model": base_model,
         "category": category,
         "anomaly_type": anomaly_type,
@@ -230,8 +229,7 @@ def finetune(
                     sf,
                     gen,
                     ft.mask_loss_weight,
-                    cfg.generate.latent_mask,
-                    cfg.generate.latent_mask_min_coverage,
+                    ft.latent_mask,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -357,6 +357,8 @@ def pretrain_tiny(
     """
     from anomaly_factory.generators.magic import pretrain
 
+    if tiny.base == "scratch":
+        return _pretrain_from_scratch(pipe, images, tiny, device, show_progress)
     gen = torch.Generator().manual_seed(tiny.seed)
     pipe.vae.to(device)
     pipe.unet.to(device)
@@ -400,6 +402,82 @@ def pretrain_tiny(
         )
     pipe.text_encoder.requires_grad_(False)
     return {"vae_loss": vae_loss, "unet_loss": unet_loss}
+
+
+def _batch(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, len(images), (n,), generator=generator)
+    batch = images[idx]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+
+
+def _pretrain_from_scratch(
+    pipe: StableDiffusionInpaintPipeline,
+    images: torch.Tensor,
+    tiny: TinyModelSection,
+    device: torch.device,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """VAE reconstruction, then UNet inpainting of random boxes on normal images.
+
+    Stands in for SD2's pretraining: the UNet learns to inpaint a category's
+    normal appearance from ``[noisy latents, mask, masked-image latents]``, the
+    same input that MAGIC's fine-tuning and sampler use. Sets the VAE's
+    ``scaling_factor`` to 1/std of the latents, as SD chose 0.18215 for its VAE.
+    Returns the final losses.
+    """
+    gen = torch.Generator().manual_seed(tiny.seed)
+    images = images.to(device)
+    vae, unet = pipe.vae.to(device), pipe.unet.to(device)
+    pipe.text_encoder.to(device)
+    bs = tiny.pretrain_batch_size
+    losses = {"vae_loss": float("nan"), "unet_loss": float("nan")}
+
+    with _progress(show_progress) as progress:
+        opt = torch.optim.AdamW(vae.parameters(), lr=tiny.pretrain_lr)
+        vae.train()
+        task = progress.add_task("pretrain VAE", total=tiny.pretrain_vae_steps)
+        for _ in range(tiny.pretrain_vae_steps):
+            x = _batch(images, bs, gen)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, gen, device)
+            recon = vae.decode(z).sample
+            loss = F.mse_loss(recon, x) + tiny.pretrain_kl_weight * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses["vae_loss"] = float(loss.detach())
+            progress.advance(task)
+        vae.eval().requires_grad_(False)
+
+        with torch.no_grad():
+            std = float(vae.encode(images).latent_dist.mean.std())
+        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+        sf = vae.config.scaling_factor
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        with torch.no_grad():
+            cond = encode_prompt(pipe, tiny.pretrain_prompt, 1)
+        opt = torch.optim.AdamW(unet.parameters(), lr=tiny.pretrain_lr)
+        unet.train()
+        size = images.shape[-1]
+        task = progress.add_task("pretrain UNet", total=tiny.pretrain_unet_steps)
+        for _ in range(tiny.pretrain_unet_steps):
+            x = _batch(images, bs, gen)
+            masks = random_inpaint_masks(bs, size, tiny.pretrain_mask_max, gen).to(device)
+            with torch.no_grad():
+                both = vae.encode(torch.cat([x, masked_inputs(x, masks)])).latent_dist.mean * sf
+            latents, masked_latents = both.chunk(2)
+            loss = inpainting_loss(unet, noise_scheduler, latents, masks, masked_latents, cond, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            losses["unet_loss"] = float(loss.detach())
+            progress.advance(task)
+    unet.eval().requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return losses
 
 
 def _randn(shape: torch.Size, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -462,7 +540,7 @@ def _progress(enabled: bool):
 # --------------------------------------------------------------------------- tiny cache
 def tiny_cache_dir(cfg: FactoryConfig, category: str, manifest_path: Path) -> Path:
     """``cache_dir/tiny/<category>-<hash of model config + pretraining images>``."""
-    df = pretrain_rows(manifest_path, category)
+    df = pretrain_rows(manifest_path, category, cfg.model.tiny.base == "bundled")
     key = {
         "model": cfg.model.model_dump(mode="json", exclude={"cache_dir", "device", "pretrained"}),
         "words": tokenizer_words(cfg.finetune, cfg.model.tiny),
@@ -502,7 +580,7 @@ def _latent_size(model: ModelSection) -> int:
     return model.resolution // 2 ** (len(model.tiny.vae_channels) - 1)
 
 
-def pretrain_rows(manifest_path: Path, category: str) -> pd.DataFrame:
+def pretrain_rows(manifest_path: Path, category: str, with_fewshot: bool) -> pd.DataFrame:
     """The images a category's tiny model is pretrained on: its ``train`` normals and its
     few-shot anomalies (every type's; the fine-tuning data, never a test image), so the
     decoder learns the defects' colours as well as the object's."""
@@ -510,11 +588,15 @@ def pretrain_rows(manifest_path: Path, category: str) -> pd.DataFrame:
     train = select(images, category=category, split="train")
     if train.empty:
         raise ValueError(f"{manifest_path}: no 'train' images for category {category!r}")
+    if not with_fewshot:
+        return train
     return pd.concat([train, select(images, category=category, split="fewshot")])
 
 
-def train_images(manifest_path: Path, category: str, size: int) -> torch.Tensor:
-    df = pretrain_rows(manifest_path, category)
+def train_images(
+    manifest_path: Path, category: str, size: int, with_fewshot: bool = False
+) -> torch.Tensor:
+    df = pretrain_rows(manifest_path, category, with_fewshot)
     paths = [resolve_path(p, manifest_path) for p in df["image_path"]]
     return torch.stack([load_image(p, size) for p in paths])
 
@@ -533,7 +615,9 @@ def pretrained_tiny_pipeline(
     device = resolve_device(cfg.model)
     torch.manual_seed(cfg.model.tiny.seed)
     pipe = tiny_start(cfg)
-    images = train_images(manifest_path, category, cfg.model.resolution)
+    images = train_images(
+        manifest_path, category, cfg.model.resolution, cfg.model.tiny.base == "bundled"
+    )
     losses = pretrain_tiny(pipe, images, cfg.model.tiny, device, show_progress)
     log.info("tiny pretraining of %s: %s", category, losses)
     target.parent.mkdir(parents=True, exist_ok=True)
