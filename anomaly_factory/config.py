@@ -172,6 +172,11 @@ class TinyModelSection(Section):
     pretrain_kl_weight: NonNegative = Field(
         default=1e-6, description="base: scratch: KL weight of the VAE pretraining (SD's 1e-6)"
     )
+    pretrain_defect_weight: Annotated[float, Field(ge=1)] = Field(
+        default=1.0,
+        description="base: bundled: loss weight of the few-shot defect pixels in the decoder "
+        "adaptation (1: unweighted); a defect covers 1-3% of its image",
+    )
     pretrain_crop: PositiveInt | None = Field(
         default=64, description="VAE pretraining on random crops of this size (None: whole)"
     )

@@ -6,9 +6,11 @@ import http.client
 import socket
 from typing import Any
 
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from anomaly_factory.config import FactoryConfig
+from tasks.heartbeat import StageCrashed
 
 # Inputs include the resolved config and the package's code hash, so a change of
 # either re-runs the task; TASK_SOURCE covers the wrapper itself.
@@ -21,17 +23,23 @@ def config_from(cfg_json: dict[str, Any]) -> FactoryConfig:
 
 # Errors worth retrying: the network, the file system, a dead worker. A bad value
 # or a bug fails the same way every time, so it fails at once.
-TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException, OSError)
+TRANSIENT = (
+    ConnectionError,
+    TimeoutError,
+    socket.timeout,
+    http.client.HTTPException,
+    OSError,
+    StageCrashed,
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return False
-    names = {c.__name__ for c in type(exc).__mro__}
-    return isinstance(exc, TRANSIENT) or bool(
-        names
-        & {"StageCrashed", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}
-    )
+    return isinstance(exc, TRANSIENT)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

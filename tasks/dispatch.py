@@ -22,18 +22,11 @@ from prefect.states import Crashed
 from prefect.variables import Variable
 
 from tasks.common import CACHE, config_from, retry_transient
+from tasks.heartbeat import StageCrashed, heartbeat_name
 
 GPU_CONCURRENCY = "gpu"  # global concurrency limit bounding GPU stages in flight
 POLL_S = 2.0
 LEASE_S = 60.0  # seconds a GPU slot stays held without renewal
-
-
-def heartbeat_name(flow_run_id: Any) -> str:
-    return f"heartbeat-{flow_run_id}"
-
-
-class StageCrashed(RuntimeError):
-    """A GPU stage's run died (worker gone, heartbeat stale) or failed."""
 
 
 def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> None:

@@ -43,6 +43,7 @@ SMALL = {
     "base": "bundled",
     "vae_channels": [8, 16, 16],
     "unet_channels": [16, 32],
+    "unet_cross_attention": None,
     "norm_num_groups": 8,
     "text_hidden_size": 32,
     "cross_attention_dim": 32,
@@ -128,6 +129,51 @@ def test_decoder_adaptation_keeps_the_latent_space_and_fits_the_images(small_bas
     pretrain.adapt_decoder(vae, images, 40, 3e-3, 4, 16, gen)
     assert error() < before
     assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_defect_weights_make_the_adapted_decoder_render_the_defect(small_base):
+    """A bright 4 px defect on 2% of each image: weighted, the decoder learns its colour;
+    unweighted, it keeps rendering the background there (what the demo's carpet showed)."""
+    root, _ = small_base
+    images = tiny_base.to_tensor(tiny_base.procedural_images(4, 32, seed=11))
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[:, :, 12:16, 12:16] = 1.0
+    images = torch.where(masks > 0.5, torch.tensor([1.0, 1.0, -1.0])[:, None, None], images)
+
+    def in_mask_error(weights) -> float:
+        torch.manual_seed(0)
+        vae = models.tiny_start(small_config(root)).vae
+        gen = torch.Generator().manual_seed(0)
+        pretrain.adapt_decoder(vae, images, 40, 3e-3, 4, None, gen, weights=weights)
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(images).latent_dist.mean).sample
+        return float(((recon - images) ** 2).mean(1, keepdim=True)[masks > 0.5].mean())
+
+    plain = in_mask_error(None)
+    weighted = in_mask_error(pretrain.defect_weights(masks, 20.0))
+    assert weighted < 0.7 * plain
+
+
+def test_a_damaged_snapshot_is_refused(small_base, tmp_path):
+    import shutil
+
+    _, folder = small_base
+    copy = tmp_path / "root" / folder.name
+    shutil.copytree(folder, copy)
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    cfg = small_config(copy.parent)
+    with pytest.raises(ValueError, match="digest .* differs from the folder name"):
+        models.tiny_start(cfg)
+
+
+def test_the_shipped_base_is_intact_and_serves_the_tiny_profile():
+    folder = tiny_base.bundled_folder()
+    tiny_base.verify_digest(folder)
+    tiny_base.check_shapes(load_config(REPO / "pipelines.yaml", "tiny"), folder)
+    assert tiny_base.read_recipe(folder)["data"]["test_images"] == 0
 
 
 def test_a_missing_or_ambiguous_snapshot_is_a_clear_error(tmp_path):

@@ -1,7 +1,9 @@
 """Reading a published version: ``load_dataset`` streams its shards from S3 or a folder.
 
 >>> ds = load_dataset("v1", category="carpet_demo", root="data/shards")  # doctest: +SKIP
->>> sample = next(iter(ds))  # {"__key__", "image.png", "mask.png", "normal.png", "json"}
+>>> sample = next(iter(ds))  # doctest: +SKIP
+
+Each sample holds ``__key__``, ``image.png``, ``mask.png``, ``normal.png`` and ``json``.
 
 Samples are raw bytes (byte-exact with the published files); chain ``.decode("pil")``
 to get images. ``s3://`` URLs work in any webdataset pipeline after

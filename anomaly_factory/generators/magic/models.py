@@ -346,14 +346,16 @@ def pretrain_tiny(
     tiny: TinyModelSection,
     device: torch.device,
     show_progress: bool = False,
+    masks: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train the autoencoder, then the UNet's inpainting, on a category's normal images.
 
     Stands in for SD2's pretraining (from random weights, ``base: scratch``) or adapts
     the bundled base to the category (``base: bundled``: its decoder only, so the
     latent space stays the one its UNet knows); see ``pretrain.py``. The VAE stays
-    deterministic and its ``scaling_factor`` is 1/std of the latents. Returns the
-    final losses.
+    deterministic and its ``scaling_factor`` is 1/std of the latents. ``masks``
+    ((N, 1, H, W), the few-shot defects; zeros for normals) weigh the decoder
+    adaptation by ``pretrain_defect_weight``. Returns the final losses.
     """
     from anomaly_factory.generators.magic import pretrain
 
@@ -379,6 +381,9 @@ def pretrain_tiny(
             pretrain.make_deterministic(pipe.vae)
             pretrain.set_latent_scale(pipe.vae, images)
         else:  # the bundled base's latent space is what its UNet knows: adapt the decoder only
+            weights = None
+            if masks is not None and tiny.pretrain_defect_weight != 1.0:
+                weights = pretrain.defect_weights(masks, tiny.pretrain_defect_weight)
             vae_loss = pretrain.adapt_decoder(
                 pipe.vae,
                 images,
@@ -388,6 +393,7 @@ def pretrain_tiny(
                 tiny.pretrain_crop,
                 gen,
                 progress,
+                weights,
             )
         unet_loss = pretrain.train_inpainting(
             pipe,
@@ -565,10 +571,15 @@ def tiny_start(cfg: FactoryConfig) -> StableDiffusionInpaintPipeline:
     """The weights a category's tiny model starts from: the bundled base, or random ones."""
     if cfg.model.tiny.base == "scratch":
         return build_tiny_pipeline(cfg.model, cfg.finetune, cfg.generate.scheduler)
-    from anomaly_factory.generators.magic.tiny_base import bundled_folder, check_shapes
+    from anomaly_factory.generators.magic.tiny_base import (
+        bundled_folder,
+        check_shapes,
+        verify_digest,
+    )
 
     folder = bundled_folder(cfg.model.tiny.base_folder)
     check_shapes(cfg, folder)
+    verify_digest(folder)
     cpu = cfg.model.model_copy(update={"device": "cpu", "dtype": "float32"})
     pipe = from_folder(folder, cpu, cfg.generate.scheduler)
     pipe.unet.register_to_config(sample_size=_latent_size(cfg.model))
@@ -601,6 +612,20 @@ def train_images(
     return torch.stack([load_image(p, size) for p in paths])
 
 
+def train_masks(
+    manifest_path: Path, category: str, size: int, with_fewshot: bool = False
+) -> torch.Tensor:
+    """The defect masks of :func:`train_images`' rows (all zeros for a normal image)."""
+    df = pretrain_rows(manifest_path, category, with_fewshot)
+    empty = torch.zeros(1, size, size)
+    return torch.stack(
+        [
+            load_mask(resolve_path(p, manifest_path), size) if isinstance(p, str) and p else empty
+            for p in df["mask_path"]
+        ]
+    )
+
+
 def pretrained_tiny_pipeline(
     cfg: FactoryConfig, category: str, manifest_path: Path, show_progress: bool = False
 ) -> Path:
@@ -615,10 +640,10 @@ def pretrained_tiny_pipeline(
     device = resolve_device(cfg.model)
     torch.manual_seed(cfg.model.tiny.seed)
     pipe = tiny_start(cfg)
-    images = train_images(
-        manifest_path, category, cfg.model.resolution, cfg.model.tiny.base == "bundled"
-    )
-    losses = pretrain_tiny(pipe, images, cfg.model.tiny, device, show_progress)
+    bundled = cfg.model.tiny.base == "bundled"
+    images = train_images(manifest_path, category, cfg.model.resolution, bundled)
+    masks = train_masks(manifest_path, category, cfg.model.resolution, bundled)
+    losses = pretrain_tiny(pipe, images, cfg.model.tiny, device, show_progress, masks)
     log.info("tiny pretraining of %s: %s", category, losses)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -135,6 +135,22 @@ def pair_seed(cfg: FactoryConfig, category: str, anomaly_type: str, index: int) 
     return derive_seed(cfg.generate.seed, category, anomaly_type, index)
 
 
+def normal_index(cfg: FactoryConfig, category: str, anomaly_type: str, index: int, n: int) -> int:
+    """Which of ``n`` normal images pair ``index`` is drawn on: a seeded permutation, so a
+    type's pairs use distinct normals until all ``n`` are used.
+
+    Independent draws put 2 of 6 pairs on the same normal one time in four, and with the
+    same mask those pairs are near-duplicates (the gates' ``no_duplicate`` check).
+
+    >>> from anomaly_factory.config import FactoryConfig
+    >>> cfg = FactoryConfig()
+    >>> sorted(normal_index(cfg, "c", "t", i, 6) for i in range(6))
+    [0, 1, 2, 3, 4, 5]
+    """
+    order = np.random.default_rng(derive_seed(cfg.generate.seed, category, anomaly_type, "normals"))
+    return int(order.permutation(n)[index % n])
+
+
 def _pipeline_and_hash(
     cfg: FactoryConfig, category: str, manifest_path: Path, checkpoint: Path | None, load: bool
 ):
@@ -333,7 +349,7 @@ def align_pair(
     res = cache.size
     seed = pair_seed(cfg, category, anomaly_type, index)
     rng = np.random.default_rng(seed)
-    normal_row = normals.iloc[int(rng.integers(len(normals)))]
+    normal_row = normals.iloc[normal_index(cfg, category, anomaly_type, index, len(normals))]
     ref_row = refs.iloc[int(rng.integers(len(refs)))]
     normal = cache.rgb(str(normal_row["image_path"]))
     reference = cache.rgb(str(ref_row["image_path"]))

@@ -18,7 +18,6 @@ the per-category pretraining on a category's normal images (``models.py``):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline
 
 LOGVAR_MIN = -30.0  # diffusers clamps the log-variance here: std = 3e-7
@@ -69,7 +68,7 @@ def train_autoencoder(
     for _ in range(steps):
         x = random_batch(images, batch_size, gen, crop).to(device)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-        loss = F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x)
+        loss = reconstruction_loss(recon, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -78,6 +77,31 @@ def train_autoencoder(
             progress.advance(task)
     vae.eval().requires_grad_(False)
     return float(loss.detach())
+
+
+def reconstruction_loss(
+    recon: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE plus a little L1, each pixel weighted by ``weights`` (normalised by their mean).
+
+    >>> x = torch.zeros(1, 3, 2, 2); r = x.clone(); r[..., 0, 0] = 1.0
+    >>> w = torch.ones(1, 1, 2, 2); w[..., 0, 0] = 3.0
+    >>> round(float(reconstruction_loss(r, x, w)), 4)  # (0.25 + 0.1 * 0.25) * 3 / 1.5
+    0.55
+    """
+    err = (recon - target) ** 2 + L1_WEIGHT * (recon - target).abs()
+    if weights is None:
+        return err.mean()
+    return (weights * err).mean() / weights.mean()
+
+
+def defect_weights(masks: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: ``weight`` inside the defect masks, 1 elsewhere.
+
+    >>> defect_weights(torch.tensor([[[[0.0, 1.0]]]]), 10.0).tolist()
+    [[[[1.0, 10.0]]]]
+    """
+    return 1.0 + (weight - 1.0) * (masks > 0.5).float()
 
 
 def adapt_decoder(
@@ -89,12 +113,16 @@ def adapt_decoder(
     crop: int | None,
     gen: torch.Generator,
     progress=None,
+    weights: torch.Tensor | None = None,
 ) -> float:
     """Fine-tune only the decoder to reconstruct ``images`` from their frozen latents; last loss.
 
     The encoder, and so the latent space the UNet was trained in, stays as it is
     (as SD's ft-MSE decoder was fine-tuned), while the small base's colours are
     corrected for one category's images. Crops are aligned to the latent grid.
+    ``weights`` ((N, 1, H, W), optional) weigh each pixel's error: a few-shot defect
+    covers 1-3% of its image, and unweighted the decoder renders it in the
+    background's colours (:func:`defect_weights`).
     """
     if steps == 0:
         return float("nan")
@@ -118,11 +146,15 @@ def adapt_decoder(
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         y, x = torch.randint(0, size - cell + 1, (2,), generator=gen).tolist()
         z = latents[idx][..., y : y + cell, x : x + cell]
-        target = images[idx][
-            ..., y * factor : (y + cell) * factor, x * factor : (x + cell) * factor
-        ].to(device)
+        window = (
+            ...,
+            slice(y * factor, (y + cell) * factor),
+            slice(x * factor, (x + cell) * factor),
+        )
+        target = images[idx][window].to(device)
         recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, target) + L1_WEIGHT * F.l1_loss(recon, target)
+        w = None if weights is None else weights[idx][window].to(device)
+        loss = reconstruction_loss(recon, target, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

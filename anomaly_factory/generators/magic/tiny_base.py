@@ -208,6 +208,17 @@ def bundled_folder(root: Path | None = None) -> Path:
     return found[0]
 
 
+def verify_digest(folder: Path) -> None:
+    """The snapshot's weights are the ones its folder name (their digest) promises, as a
+    hub download is checked against its checksum."""
+    actual = weights_digest(folder)
+    if actual != folder.name:
+        raise ValueError(
+            f"{folder}: weights digest {actual} differs from the folder name; the bundled "
+            "tiny base is damaged, rebuild it with scripts/build_tiny_base.py"
+        )
+
+
 def read_recipe(folder: Path) -> dict:
     return json.loads((Path(folder) / RECIPE_FILE).read_text())
 

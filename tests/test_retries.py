@@ -1,0 +1,49 @@
+"""Which failures a task retries, and the orchestration modules' import graph."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+from anomaly_factory.errors import InputError
+from tasks.common import is_transient
+from tasks.heartbeat import StageCrashed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        StageCrashed("worker gone"),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        ConnectionResetError(),
+        TimeoutError(),
+        OSError("disk hiccup"),
+    ],
+)
+def test_infrastructure_failures_are_retried(exc):
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [InputError("generate.n_pairs: 0"), ValueError("bad"), FileNotFoundError("x"), KeyError("k")],
+)
+def test_bad_input_and_bugs_fail_at_once(exc):
+    assert not is_transient(exc)
+
+
+def test_the_gpu_flow_does_not_import_its_dispatcher():
+    """The worker side (``flows.gpu_stage``) and the dispatcher share ``tasks.heartbeat``;
+    neither imports the other at module level."""
+    code = "import sys, flows.gpu_stage; print('tasks.dispatch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
