@@ -160,6 +160,8 @@ def detect_rows(cfg: FactoryConfig, all_pairs: list[Path], manifest: Path, work:
     from anomaly_factory.manifest import read_pairs, write_pairs
 
     merged = pd.concat([read_pairs(p) for p in all_pairs], ignore_index=True)
+    # every generator numbers its pairs from 0: the generator makes a key unique here
+    merged["key"] = merged["generator"] + "-" + merged["key"]
     path = write_pairs(merged.sort_values("key").reset_index(drop=True), work / "all_pairs.parquet")
     import json
 
