@@ -246,10 +246,10 @@ class MaskGeneratorSection(Section):
     """Small DDPM over a type's few-shot masks (MAGIC §3.1; generators/magic/masks.py)."""
 
     resolution: PositiveInt = 32
-    steps: PositiveInt = 200
+    steps: PositiveInt = 400
     sample_steps: PositiveInt = 25
     threshold: Fraction = 0.5
-    lr: Positive = 1e-3
+    lr: Positive = 2e-3
     batch_size: PositiveInt = Field(default=8, description="Training batch and sampling chunk")
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32])
     norm_num_groups: PositiveInt = 8

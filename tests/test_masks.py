@@ -159,3 +159,33 @@ def test_fewshot_thin_masks_train_the_generator(tmp_path):
     write_images(pd.DataFrame(rows), tmp_path / "manifest.parquet")
     train, _ = M.fewshot_masks(tmp_path / "manifest.parquet", "screw", "scratch_neck", 32)
     assert train.shape == (3, 32, 32) and all(m.sum() >= 20 for m in train)
+
+
+class _FaintGenerator:
+    """Stands in for an undertrained DDPM: every sample is a faint 2x2 dot in a corner,
+    peak 0.3, under the 0.5 threshold."""
+
+    def __init__(self, section: MaskGeneratorSection):
+        self.section = section
+
+    def sample_soft(self, seeds):
+        import torch
+
+        soft = torch.zeros((len(seeds), 1, 32, 32))
+        soft[:, :, :2, :2] = 0.3
+        return soft
+
+
+def test_faint_samples_are_rejected_not_turned_into_corner_dots():
+    """A sample with nothing above the threshold is empty: rejected, then the few-shot
+    fallback is used. (A peak-relative threshold made such samples into corner dots.)"""
+    section = MaskGeneratorSection(resolution=32, batch_size=4)
+    cfg = MasksSection(seed=0, generator=section, min_area=0.001, max_tries_per_mask=3)
+    fewshot = _mask(box=(10, 20, 12, 16))[None]
+    src = M.GeneratorMaskSource(_FaintGenerator(section), cfg, seed=0, fallback=fewshot)
+    masks = src.masks(2, 32)
+    assert src.rejected["empty"] == 2 * 3
+    assert src.fallback_used == {0, 1}
+    for m in masks:
+        assert not m[:2, :2].any() or m.sum() > 4  # no corner dot
+        assert m.sum() == fewshot.sum()  # the augmented few-shot mask, same area
