@@ -450,6 +450,12 @@ class GenerateSection(Section):
         default=0.0,
         description="coverage: least share of a cell's pixels in the mask (0: any pixel)",
     )
+    init_latents: Literal["noise", "noised_image"] = Field(
+        default="noise",
+        description="Start of sampling: pure noise (the stock pipeline), or the normal image's "
+        "latents noised to the first timestep, as training saw x_T (a latent space with large "
+        "channel means, as the tiny VAE's, otherwise comes out shifted in colour)",
+    )
     gpp_mismatch: Literal["error", "warn"] = Field(
         default="error",
         description="When generate.gpp differs from the checkpoint's training GPP (the paper's "

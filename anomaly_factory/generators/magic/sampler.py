@@ -80,6 +80,7 @@ class SamplerOptions:
     feather_px: int = 3
     latent_mask: str = "nearest"  # the stock pipeline's; the config's default is "coverage"
     latent_mask_min_coverage: float = 0.0
+    init_latents: str = "noise"  # the stock pipeline's; "noised_image": see start_latents
 
     @classmethod
     def from_config(cls, g: GenerateSection) -> SamplerOptions:
@@ -103,6 +104,7 @@ class SamplerOptions:
             feather_px=g.paste_back.feather_px,
             latent_mask=g.latent_mask,
             latent_mask_min_coverage=g.latent_mask_min_coverage,
+            init_latents=g.init_latents,
         )
 
 
@@ -284,6 +286,8 @@ def magic_inpaint(
         )
         mask = torch.cat([grid.to(device=mask.device, dtype=mask.dtype)] * 2)
     mask_latent = mask[:n]  # binary, on the latent grid
+    if options.init_latents == "noised_image":
+        latents = start_latents(pipe, init_image.to(device), latents, timesteps[:1])
 
     # 4. denoising loop
     w_in = sag_schedule(options.w_m, options.w_d, len(timesteps)).tolist()
@@ -305,6 +309,23 @@ def magic_inpaint(
         binary = [m[0].cpu().numpy() >= 0.5 for m in mask_condition]
         out = paste_back(out, normal, binary, options.feather_px).astype(np.float32)
     return out
+
+
+@torch.no_grad()
+def start_latents(pipe, image: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_T as training made it: the image's latents noised to timestep ``t``.
+
+    With SD's schedule x_T keeps sqrt(alpha_bar_T) ~ 0.07 of the signal, and a UNet
+    reads the latents' channel means from it. The tiny VAE's latents have means of up
+    to 1.1 (scaled), so from pure noise the tiny UNet drew the whole latent, the defect
+    included, shifted towards zero: tile cracks came out pink, not dark grey
+    (bench/RESULTS.md (k)). The normal image's latents under the mask weigh 0.07 and the
+    defect is still drawn there. ``noise`` is the one ``prepare_latents`` drew, so the
+    generator streams stay as in the stock order.
+    """
+    vae = pipe.vae
+    z0 = vae.encode(image.to(dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return pipe.scheduler.add_noise(z0.to(noise.dtype), noise, t)
 
 
 def _ddim_step(
