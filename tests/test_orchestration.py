@@ -34,6 +34,7 @@ FAST = {
         "tiny": {"pretrain_vae_steps": 4, "pretrain_unet_steps": 4, "pretrain_batch_size": 2},
     },
     "finetune": {"steps": 2, "batch_size": 2, "resolution": 32, "checkpoint_every": 1},
+    "masks": {"generator": {"resolution": 32, "steps": 40, "sample_steps": 5}},
     # enough denoising work that a worker killed mid-stage is killed mid-generation
     "generate": {"n_pairs": 3, "steps": 12, "batch_size": 3},
     "gates": {"kid": {"subset_size": 2, "subsets": 2}, "lpips": {"resolution": 32}},
