@@ -189,3 +189,17 @@ def test_faint_samples_are_rejected_not_turned_into_corner_dots():
     for m in masks:
         assert not m[:2, :2].any() or m.sum() > 4  # no corner dot
         assert m.sum() == fewshot.sum()  # the augmented few-shot mask, same area
+
+
+def test_mid_attention_is_optional():
+    """masks.generator.mid_attention builds the mask UNet with or without its mid-block
+    self-attention (at 64 px over 2 levels it attends over 1024 positions)."""
+    from diffusers.models.attention_processor import Attention
+
+    def n_attention(section):
+        return sum(isinstance(m, Attention) for m in M.build_mask_unet(section).modules())
+
+    assert n_attention(MaskGeneratorSection(resolution=32, channels=[8, 16])) == 1
+    assert (
+        n_attention(MaskGeneratorSection(resolution=32, channels=[8, 16], mid_attention=False)) == 0
+    )

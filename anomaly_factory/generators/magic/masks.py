@@ -123,6 +123,7 @@ def build_mask_unet(section: MaskGeneratorSection):
         up_block_types=("UpBlock2D",) * n,
         layers_per_block=1,
         norm_num_groups=section.norm_num_groups,
+        add_attention=section.mid_attention,
     )
 
 
