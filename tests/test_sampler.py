@@ -333,17 +333,14 @@ def test_noised_image_start_is_x_t_of_the_image_latents(pipe, inputs, monkeypatc
 
 
 @pytest.mark.slow
-def test_noised_image_start_keeps_the_background_with_the_bundled_base():
+def test_noised_image_start_keeps_the_background_with_the_bundled_base(tiny_config):
     """The bundled tiny base, from pure noise, redraws the whole image shifted in colour
     (its latents' channel means are large); started from the noised normal it keeps it.
     Outside the mask, paste-back off, mean error in grey levels."""
-    from pathlib import Path
-
-    from anomaly_factory.config import load_config
     from anomaly_factory.datasets.demo import render_category
     from anomaly_factory.generators.magic import models
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "pipelines.yaml", "tiny")
+    cfg = tiny_config
     pipe = models.tiny_start(cfg)
     pipe.set_progress_bar_config(disable=True)
     img, _ = render_category("bar_demo", "good", cfg.model.resolution, 0, 0)

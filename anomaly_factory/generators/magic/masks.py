@@ -282,7 +282,9 @@ class GeneratorMaskSource:
             soft = self.generator.sample_soft([derive_seed(self.seed, i, j) for i in pending])
             soft = F.interpolate(soft, size=(size, size), mode="bilinear", align_corners=False)
             for i, s in zip(pending, soft, strict=True):
-                m = _binarize(s[0].numpy(), threshold)
+                # Absolute threshold only: a peak-relative fallback turned empty samples
+                # into 1-3 px corner dots that passed min_area (bench/RESULTS.md (k)).
+                m = s[0].numpy() > threshold
                 reason = _accept(m, self.cfg)
                 if reason is None:
                     found[i] = m
@@ -315,17 +317,6 @@ class GeneratorMaskSource:
             if _accept(candidate, self.cfg) is None:
                 return candidate
         return candidate
-
-
-def _binarize(soft: np.ndarray, threshold: float) -> np.ndarray:
-    """Threshold a soft mask at the absolute ``threshold``; a sample with nothing above it is
-    empty and gets rejected.
-
-    Thresholding relative to the sample's peak (to keep faint cracks) turned the
-    generator's empty samples into 1-3 px dots at corners and borders that passed
-    ``min_area``: the cracks of tile_demo came out as corner dots. A generator that
-    draws its type faintly is undertrained (``masks.generator.steps``)."""
-    return soft > threshold
 
 
 class FolderMaskSource:
