@@ -26,7 +26,7 @@ from anomaly_factory.errors import GatesFailed
 from anomaly_factory.layout import RunLayout, default_version
 from anomaly_factory.manifest import anomaly_types, read_images
 from anomaly_factory.provenance import code_hash
-from tasks.dispatch import dispatch_gpu_stage
+from tasks.dispatch import dispatch_gpu_stage, run_stages
 from tasks.stages import (
     combine_manifests,
     ingest_dataset,
@@ -109,23 +109,25 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     n_types = sum(len(t) for t in jobs.values())
     types_done = 0
     stage("generate", 0, n_types)
+    calls = {
+        c: dict(
+            cfg_json=cfg_json,
+            stage="generate",
+            category=c,
+            anomaly_types=t,
+            manifest=manifest,
+            version=version,
+            root=root,
+            code=code,
+        )
+        for c, t in jobs.items()
+    }
     per_category = []
-    if cfg.orchestration.dispatch == "work_pool":
-        futures = {
-            c: dispatch.submit(cfg_json, "generate", c, t, manifest, version, root, code)
-            for c, t in jobs.items()
-        }
-        for i, (c, future) in enumerate(futures.items(), 1):
-            per_category.append(future.result())
-            types_done += len(jobs[c])
-            stage("generate", types_done, n_types)
-            done(5 + 70 * i / len(futures))
-    else:
-        for i, (c, t) in enumerate(jobs.items(), 1):
-            per_category.append(dispatch(cfg_json, "generate", c, t, manifest, version, root, code))
-            types_done += len(t)
-            stage("generate", types_done, n_types)
-            done(5 + 70 * i / len(jobs))
+    for i, (c, paths) in enumerate(run_stages(cfg, dispatch, calls), 1):
+        per_category.append(paths)
+        types_done += len(jobs[c])
+        stage("generate", types_done, n_types)
+        done(5 + 70 * i / len(jobs))
     pairs = merge_pairs([p for paths in per_category for p in paths], str(layout.pairs), code)
 
     # quality gates, downstream detectors, report

@@ -10,7 +10,10 @@ from the files the dead one finished.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -18,9 +21,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
+from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.tasks import Task
 from prefect.variables import Variable
 
+from anomaly_factory.config import FactoryConfig
 from tasks.common import CACHE, config_from, retry_transient
 from tasks.heartbeat import StageCrashed, heartbeat_name
 
@@ -120,3 +127,50 @@ def dispatch_gpu_stage(
         finally:
             Variable.unset(heartbeat_name(run.id))
     return stage_outputs(cfg, stage, category, anomaly_types, version, root)
+
+
+def run_stages(
+    cfg: FactoryConfig, stage_task: Task, calls: dict[str, dict[str, Any]]
+) -> Iterator[tuple[str, list[str]]]:
+    """Run ``stage_task`` once per key of ``calls`` (its keyword arguments); yield each
+    key with its result, in order.
+
+    ``work_pool``: every call at once, each a thread waiting on its worker. ``local`` with
+    ``local_workers`` > 1: that many at once in a process pool. Otherwise one after another
+    in this process.
+    """
+    orch = cfg.orchestration
+    if orch.dispatch == "work_pool":
+        futures = {key: stage_task.submit(**kw) for key, kw in calls.items()}
+        for key, future in futures.items():
+            yield key, future.result()
+    elif orch.local_workers > 1 and len(calls) > 1:
+        with local_process_pool(min(orch.local_workers, len(calls))) as runner:
+            futures = {key: runner.submit(stage_task, kw) for key, kw in calls.items()}
+            for key, future in futures.items():
+                yield key, future.result()
+    else:
+        for key, kw in calls.items():
+            yield key, stage_task(**kw)
+
+
+@contextlib.contextmanager
+def local_process_pool(workers: int) -> Iterator[ProcessPoolTaskRunner]:
+    """``workers`` processes that report to this flow's Prefect API, sharing the cores."""
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    runner = ProcessPoolTaskRunner(
+        max_workers=workers, initializer=limit_torch_threads, initargs=(threads,)
+    )
+    # An ephemeral API (no PREFECT_API_URL) would otherwise make each spawned process
+    # start a server of its own, and its runs would not show in this one.
+    with temporary_settings({PREFECT_API_URL: api_url}), runner:
+        yield runner
+
+
+def limit_torch_threads(threads: int) -> None:
+    """A pool process's initializer: its share of the cores for torch's kernels."""
+    import torch
+
+    torch.set_num_threads(threads)

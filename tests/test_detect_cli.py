@@ -67,7 +67,8 @@ def test_comparison_table_covers_every_generator(detected, tiny_config, demo_man
     localization = table[table["task"] == "localization"]
     assert sorted(localization["generator"]) == ["cutpaste", "none", "perlin"]
     assert set(localization["model"]) == {"draem_discriminative", "padim"}
-    assert set(table.loc[table["task"] == "classification", "model"]) == {"resnet34"}
+    classifiers = set(table.loc[table["task"] == "classification", "model"])
+    assert classifiers == {tiny_config.detector.classifier_arch}
     in_test = (demo_manifest["category"] == CATEGORY) & (demo_manifest["split"] == "test")
     n_test = int(in_test.sum())
     for row in rows:  # every number records its model, seed, schedule and data version
@@ -85,3 +86,31 @@ def test_missing_pairs_file_fails_clearly(tmp_path, demo_manifest_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "nope.parquet does not exist" in result.output
+
+
+def test_categories_detected_side_by_side_give_the_same_rows(
+    tmp_path, tiny_config, demo_manifest_path, quick_config, monkeypatch
+):
+    """detector.workers: 2 runs the categories in two processes; the comparison table is
+    the one of running them in order, number for number."""
+    from anomaly_factory.config import load_config
+    from anomaly_factory.detectors import run_detectors
+    from anomaly_factory.generators.output import merge_pairs
+
+    parts = []
+    for category, anomaly_type in (("tile_demo", "crack"), ("nut_demo", "scratch")):
+        folder = tmp_path / "pairs" / category
+        get_generator("cutpaste")(
+            tiny_config, demo_manifest_path, category, anomaly_type, 2, folder
+        )
+        parts.append(folder / "pairs.parquet")
+    pairs = merge_pairs(parts, tmp_path / "pairs.parquet")
+    tables = {}
+    for workers in (1, 2):
+        cfg = load_config(quick_config, overrides={"detector": {"workers": workers}})
+        monkeypatch.chdir(tmp_path.joinpath(f"w{workers}").mkdir() or tmp_path / f"w{workers}")
+        run_detectors(cfg, pairs, demo_manifest_path, Path("out"))  # same relative paths
+        tables[workers] = pd.read_parquet("out/comparison.parquet")
+    assert sorted(tables[2]["category"].unique()) == ["nut_demo", "tile_demo"]
+    # the config differs in detector.workers only, hence its hash
+    pd.testing.assert_frame_equal(*(t.drop(columns="config_hash") for t in tables.values()))

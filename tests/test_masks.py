@@ -203,3 +203,34 @@ def test_mid_attention_is_optional():
     assert (
         n_attention(MaskGeneratorSection(resolution=32, channels=[8, 16], mid_attention=False)) == 0
     )
+
+
+class _SpeckGenerator(_FaintGenerator):
+    """Every sample is a clear 2x2 speck (4 px of 32 x 32) away from the borders."""
+
+    def sample_soft(self, seeds):
+        import torch
+
+        soft = torch.zeros((len(seeds), 1, 32, 32))
+        soft[:, :, 15:17, 15:17] = 1.0
+        return soft
+
+
+@pytest.mark.parametrize("ratio, specks_kept", [(0.0, True), (0.5, False)])
+def test_specks_under_half_the_smallest_fewshot_mask_are_rejected(tmp_path, ratio, specks_kept):
+    """masks.min_area_vs_fewshot: a 4-px speck is under half of a 16-px few-shot mask, so
+    it is rejected as 'area' (the few-shot fallback stands in); with 0 it is kept."""
+    from PIL import Image
+
+    section = MaskGeneratorSection(resolution=32, batch_size=4)
+    cfg = MasksSection(
+        seed=0, generator=section, min_area=0.001, max_tries_per_mask=2, min_area_vs_fewshot=ratio
+    )
+    fewshot = _mask(box=(8, 12, 20, 24))  # 16 px
+    Image.fromarray(fewshot.astype(np.uint8) * 255).save(tmp_path / "000_mask.png")
+    min_area = M.fewshot_min_area(cfg, [str(tmp_path / "000_mask.png")])
+    assert min_area == pytest.approx(ratio * 16 / 32**2)
+    src = M.GeneratorMaskSource(_SpeckGenerator(section), cfg, 0, fewshot[None], min_area)
+    masks = src.masks(2, 32)
+    assert [int(m.sum()) for m in masks] == ([4, 4] if specks_kept else [16, 16])
+    assert src.rejected["area"] == (0 if specks_kept else 2 * 2)

@@ -38,7 +38,7 @@ FAST = {
     # enough denoising work that a worker killed mid-stage is killed mid-generation
     "generate": {"n_pairs": 3, "steps": 12, "batch_size": 3},
     "gates": {"kid": {"subset_size": 2, "subsets": 2}, "lpips": {"resolution": 32}},
-    "detector": {"resolution": 32, "epochs": 1, "batch_size": 4},
+    "detector": {"resolution": 32, "epochs": 1, "batch_size": 4, "classifier_epochs": 1},
     "orchestration": {
         "retries": 2,
         "retry_delay_s": 1,
@@ -314,3 +314,41 @@ def test_failed_gate_exits_nonzero_and_keeps_outputs(api, tmp_path, monkeypatch)
     pairs = sorted((tmp_path / "data" / "pairs" / "bad").glob("*/*/pairs.parquet"))
     assert len(pairs) == 2, "both types' pairs are kept"
     assert (tmp_path / "data" / "reports" / "bad" / "report.html").exists()
+
+
+def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_path, monkeypatch):
+    """``orchestration.local_workers: 2``: the two categories' GPU stages run at once, in
+    two processes reporting to the factory's own Prefect API, and make the same pairs,
+    byte for byte, as the same config run one category after another."""
+    import torch
+
+    import tasks.dispatch
+
+    # Both routes on one torch thread per category (a CI box splits more cores).
+    monkeypatch.setattr(tasks.dispatch.os, "sched_getaffinity", lambda pid: {0, 1})
+    runs = {}
+    for workers in (1, 2):
+        root = tmp_path / f"w{workers}"
+        root.mkdir()
+        config = write_config(
+            root / "pipelines.yaml",
+            detector={"enabled": False},
+            orchestration={"local_workers": workers},
+        )
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            runs[workers] = _run_factory(root, f"par{workers}", config)
+        finally:
+            torch.set_num_threads(before)
+
+    stages = [r for r in _flow_runs("gpu-stage") if r.parameters.get("version") == "par2"]
+    assert sorted(r.parameters["category"] for r in stages) == ["carpet_demo", "nut_demo"]
+    assert all(r.state.is_completed() for r in stages)
+    assert max(r.start_time for r in stages) < min(r.end_time for r in stages), (
+        "the categories ran one after the other"
+    )
+
+    pairs = {w: _tree_hashes(tmp_path / f"w{w}" / "data" / "pairs" / f"par{w}") for w in runs}
+    assert len(pairs[1]) == 2 * 2 * 3 * 3  # categories x types x pairs x (normal, image, mask)
+    assert pairs[2] == pairs[1]

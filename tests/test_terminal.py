@@ -132,7 +132,8 @@ class Terminal:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("terminal")
-    write_config(root / "pipelines.yaml", **QUICK | {"detector": {"enabled": True}}, **FAILING)
+    detector = {"enabled": True, "classifier_epochs": 1}
+    write_config(root / "pipelines.yaml", **QUICK | {"detector": detector}, **FAILING)
     return root
 
 

@@ -36,7 +36,6 @@ from anomaly_factory.manifest import write_parquet
 COMPARISON_PARQUET = "comparison.parquet"
 COMPARISON_JSON = "comparison.json"
 LOCALIZER = "draem_discriminative"
-CLASSIFIER = "resnet34"
 COUNT_COLUMNS = ("n_train_normals", "n_pairs", "n_test", "best_epoch", "seed", "resolution")
 
 
@@ -117,7 +116,7 @@ def classification_row(
     result = train_and_test_classifier(generated, test.samples, settings, settings.seed)
     return {
         "task": "classification",
-        "model": CLASSIFIER,
+        "model": settings.classifier_arch,
         "schedule": _schedule_text(result["schedule"]),
         "selection": "fixed_schedule",
         "best_epoch": settings.classifier_epochs,

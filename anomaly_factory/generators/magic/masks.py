@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from anomaly_factory import images as image_io
 from anomaly_factory.config import MaskGeneratorSection, MasksSection
+from anomaly_factory.generators.magic.precision import cpu_bf16_autocast
 from anomaly_factory.images import MaskSource, resize_mask_keep_thin
 from anomaly_factory.io import atomic_write_json
 
@@ -70,8 +71,23 @@ def rejection_reason(
     return None
 
 
-def _accept(mask: np.ndarray, cfg: MasksSection) -> str | None:
-    return rejection_reason(mask, cfg.min_area, cfg.max_area, cfg.max_border_fraction)
+def _accept(mask: np.ndarray, cfg: MasksSection, min_area: float = 0.0) -> str | None:
+    return rejection_reason(
+        mask, max(cfg.min_area, min_area), cfg.max_area, cfg.max_border_fraction
+    )
+
+
+def fewshot_min_area(cfg: MasksSection, mask_paths: list[str]) -> float:
+    """The least area a generated mask may have: ``min_area_vs_fewshot`` of the smallest
+    few-shot mask's area (fractions of the image, read at the masks' own resolution).
+
+    >>> fewshot_min_area(MasksSection(min_area_vs_fewshot=0.0), ["never/read.png"])
+    0.0
+    """
+    if cfg.min_area_vs_fewshot == 0 or not mask_paths:
+        return 0.0
+    smallest = min(float(read_mask(Path(p)).mean()) for p in mask_paths)
+    return cfg.min_area_vs_fewshot * smallest
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -124,6 +140,7 @@ def build_mask_unet(section: MaskGeneratorSection):
         layers_per_block=1,
         norm_num_groups=section.norm_num_groups,
         add_attention=section.mid_attention,
+        attention_head_dim=section.attention_head_dim,
     )
 
 
@@ -181,8 +198,10 @@ class MaskGenerator:
             x0 = _augment(data[idx], section, gen)
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, section.train_timesteps, (len(x0),), generator=gen)
-            pred = unet(sched.add_noise(x0, noise, t), t).sample
-            loss = F.mse_loss(pred, x0 if section.prediction_type == "sample" else noise)
+            with cpu_bf16_autocast(section.bf16_autocast):
+                pred = unet(sched.add_noise(x0, noise, t), t).sample
+            target = x0 if section.prediction_type == "sample" else noise
+            loss = F.mse_loss(pred.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -252,8 +271,10 @@ class GeneratorMaskSource:
         cfg: MasksSection,
         seed: int,
         fallback: np.ndarray | None = None,
+        min_area: float = 0.0,
     ):
         self.generator, self.cfg, self.seed = generator, cfg, seed
+        self.min_area = min_area  # besides cfg.min_area: from the few-shot masks
         self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0}
         # few-shot masks (N, H, W) to augment when the generator keeps failing
         self.fallback = fallback
@@ -285,7 +306,7 @@ class GeneratorMaskSource:
                 # Absolute threshold only: a peak-relative fallback turned empty samples
                 # into 1-3 px corner dots that passed min_area (bench/RESULTS.md (k)).
                 m = s[0].numpy() > threshold
-                reason = _accept(m, self.cfg)
+                reason = _accept(m, self.cfg, self.min_area)
                 if reason is None:
                     found[i] = m
                 else:
@@ -314,7 +335,7 @@ class GeneratorMaskSource:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, i, j, "fallback"))
             k = int(torch.randint(0, len(base), (1,), generator=gen))
             candidate = _augment(base[k : k + 1], self.generator.section, gen)[0, 0].numpy() > 0
-            if _accept(candidate, self.cfg) is None:
+            if _accept(candidate, self.cfg, self.min_area) is None:
                 return candidate
         return candidate
 
@@ -407,10 +428,9 @@ def mask_source(
     if folder is not None:
         return FolderMaskSource(folder, cfg, seed, category, anomaly_type)
     gen = load_or_train_generator(cfg, manifest_path, category, anomaly_type, generator_dir)
-    fallback = None
-    if cfg.fallback_to_fewshot:
-        fallback, _ = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
-    return GeneratorMaskSource(gen, cfg, seed, fallback)
+    fewshot, paths = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
+    fallback = fewshot if cfg.fallback_to_fewshot else None
+    return GeneratorMaskSource(gen, cfg, seed, fallback, fewshot_min_area(cfg, paths))
 
 
 def nearest_iou(masks: list[np.ndarray], train: np.ndarray) -> np.ndarray:

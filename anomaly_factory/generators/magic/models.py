@@ -394,6 +394,7 @@ def pretrain_tiny(
                 gen,
                 progress,
                 weights,
+                tiny.pretrain_bf16_autocast,
             )
         unet_loss = pretrain.train_inpainting(
             pipe,

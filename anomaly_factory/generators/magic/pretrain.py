@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline
 
+from anomaly_factory.generators.magic.precision import cpu_bf16_autocast
+
 LOGVAR_MIN = -30.0  # diffusers clamps the log-variance here: std = 3e-7
 L1_WEIGHT = 0.1  # a little L1 keeps flat colours exact where MSE tolerates a tint
 
@@ -114,6 +116,7 @@ def adapt_decoder(
     gen: torch.Generator,
     progress=None,
     weights: torch.Tensor | None = None,
+    bf16_autocast: bool = False,
 ) -> float:
     """Fine-tune only the decoder to reconstruct ``images`` from their frozen latents; last loss.
 
@@ -152,9 +155,10 @@ def adapt_decoder(
             slice(x * factor, (x + cell) * factor),
         )
         target = images[idx][window].to(device)
-        recon = vae.decode(z).sample
+        with cpu_bf16_autocast(bf16_autocast, device):
+            recon = vae.decode(z).sample
         w = None if weights is None else weights[idx][window].to(device)
-        loss = reconstruction_loss(recon, target, w)
+        loss = reconstruction_loss(recon.float(), target, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
