@@ -905,7 +905,8 @@ class OrchestrationSection(Section):
         default="gpu-stage/gpu-stage", description="<flow name>/<deployment name> of GPU stages"
     )
     dispatch: Literal["local", "work_pool"] = Field(
-        default="local", description="local: in-process; work_pool: run_deployment to workers"
+        default="local",
+        description="local: on this machine (local_workers); work_pool: run_deployment to workers",
     )
     local_workers: PositiveInt = Field(
         default=1,

@@ -9,7 +9,7 @@ For one dataset (the demo by default, or any folder in a supported layout given 
 
 and per category, the downstream detectors trained on each generator's pairs and
 scored on the real test split: pixel / image AUROC and AUPRO (DRAEM-style
-localization) and the ResNet-34's type accuracy. Generators: ``magic`` (fine-tuned
+localization) and the type classifier's accuracy. Generators: ``magic`` (fine-tuned
 per type, then generated, exactly as the factory does), ``perlin``, ``cutpaste``,
 ``anomalycontrol`` and the demo's ``oracle`` (true defects painted by the demo's
 renderer; demo only). Prints a table per level, writes JSON and a sample grid
