@@ -1,7 +1,8 @@
 """Anomaly-type classification (CONTEXT §3, "Classification (downstream)").
 
-A torchvision ResNet-34 (``detector.classifier_arch``) is trained on the generated anomalies of one category (one
-class per anomaly type) and tested on the category's real ``test`` anomalies. It
+A torchvision ResNet (``detector.classifier_arch``; ResNet-34 in the papers) is trained
+on the generated anomalies of one category (one class per anomaly type) and tested on
+the category's real ``test`` anomalies. It
 starts from ImageNet weights only when ``detector.classifier_weights`` names a local
 state-dict file: nothing is ever downloaded.
 """
