@@ -13,12 +13,15 @@ resumes it. The last screen is saved as ``run-screen.txt`` in the test's folder;
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pty
 import re
 import select
 import shutil
 import subprocess
+import sys
+import termios
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +39,12 @@ VERSION = "t1"
 COLUMNS, ROWS = 120, 60
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 NOISE = ("Traceback", " INFO ", "WARNING", "it/s]", "lightning", "Prefect collects", "telemetry")
+
+
+def _own_terminal() -> None:
+    """In the child: a session of its own with the pty (its stdin) as controlling terminal."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 class Terminal:
@@ -63,7 +72,7 @@ class Terminal:
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                start_new_session=True,
+                preexec_fn=_own_terminal,  # Ctrl-C on the master then sends SIGINT
             )
             os.close(slave)
             self.raw = b""
@@ -140,6 +149,36 @@ def workdir(tmp_path_factory) -> Path:
 def _env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DO_NOT_TRACK"))}
     return env | {"PREFECT_HOME": str(workdir / "prefect-home"), "HF_HUB_OFFLINE": "1"}
+
+
+WARNS = """
+import warnings
+from pathlib import Path
+from anomaly_factory.cli._common import console
+from anomaly_factory.cli._display import RunDisplay, RunOutput
+from anomaly_factory.config import FactoryConfig
+from anomaly_factory.layout import RunLayout
+
+layout = RunLayout(FactoryConfig(), "t1", Path.cwd())
+with RunOutput(layout.run_log), RunDisplay(layout, console):
+    warnings.warn("a library's warning")
+    print("a library's print")
+"""
+
+
+def test_what_python_code_prints_under_the_live_display_goes_to_the_log(tmp_path):
+    """Rich's live display would put warnings and prints on screen; the log takes them."""
+    (tmp_path / "warns.py").write_text(WARNS)
+    term = Terminal([sys.executable, "warns.py"], tmp_path, _env(tmp_path))
+    try:
+        assert term.wait(timeout=120) == 0, term.screen()[-3000:]
+        screen = term.screen()
+    finally:
+        term.close()
+    log = (tmp_path / "data" / "runs" / "t1" / "run.log").read_text()
+    assert "✓ ingest" not in screen and "· ingest" in screen, screen  # the display was there
+    for line in ("a library's warning", "a library's print"):
+        assert line in log and line not in screen, (line, screen)
 
 
 def test_ctrl_c_stops_the_run_then_the_same_command_resumes_it(workdir):

@@ -245,6 +245,10 @@ class RunDisplay:
             console=console,
             transient=False,
             refresh_per_second=4,
+            # sys.stdout/err stay the run log's: Rich would otherwise swap in proxies
+            # that print whatever Python code writes (warnings) onto the terminal
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self.stages: dict[str, TaskID] = {}
         self.types: dict[tuple[str, str], TaskID] = {}
