@@ -97,7 +97,7 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     for i in range(n_datasets):
         parts.append(ingest(cfg_json, i, version, root, code))
         stage("ingest", i + 1, n_datasets)
-    manifest = combine_manifests(parts, str(layout.manifest), code)
+    manifest = combine_manifests(cfg_json, parts, version, root, code)
     images = read_images(manifest)
     done(5)
 
@@ -128,25 +128,26 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
         types_done += len(jobs[c])
         stage("generate", types_done, n_types)
         done(5 + 70 * i / len(jobs))
-    pairs = merge_pairs([p for paths in per_category for p in paths], str(layout.pairs), code)
+    parts = [p for paths in per_category for p in paths]
+    pairs = merge_pairs(cfg_json, parts, version, root, code)
 
     # quality gates, downstream detectors, report
     stage("gates", 0, 1)
-    gates = run_gates(cfg_json, pairs, manifest, version, root, code)
+    gates = run_gates(cfg_json, version, root, code)
     stage("gates", 1, 1)
     done(80)
     if cfg.detector.enabled:
         stage("detect", 0, 1)
-        dispatch(cfg_json, "detect", "all", [], manifest, version, root, code, pairs=pairs)
+        dispatch(cfg_json, "detect", "all", [], manifest, version, root, code)
         stage("detect", 1, 1)
     done(92)
     stage("report", 0, 1)
-    report = render_report(cfg_json, pairs, version, root, code)
+    report = render_report(cfg_json, version, root, code)
     stage("report", 1, 1)
 
     # shards, publishing
     stage("shards", 0, 1)
-    index = write_shards(cfg_json, pairs, manifest, version, root, code)
+    index = write_shards(cfg_json, version, root, code)
     stage("shards", 1, 1)
     done(97)
     published = None

@@ -15,7 +15,7 @@ from prefect import flow
 from anomaly_factory.layout import RunLayout
 from tasks.common import config_from
 from tasks.heartbeat import Heartbeat
-from tasks.stages import finetune_type, generate_type, run_detectors
+from tasks.stages import generate_type, prepare_type, run_detectors
 
 
 def stage_outputs(
@@ -38,7 +38,6 @@ def gpu_stage(
     version: str,
     root: str,
     code: str,
-    pairs: str | None = None,
 ) -> list[str]:
     """Run one GPU stage for one category; returns the produced paths.
 
@@ -46,23 +45,18 @@ def gpu_stage(
     files relative to it.
     """
     cfg = config_from(cfg_json)
+    layout = RunLayout(cfg, version, Path(root))
+    if Path(manifest).resolve() != layout.manifest:
+        raise ValueError(f"gpu_stage: manifest {manifest} is not the version's {layout.manifest}")
     with contextlib.chdir(root), Heartbeat():
         if stage == "detect":
-            if pairs is None:
-                raise ValueError("gpu_stage(stage='detect') needs the pairs manifest")
-            return [run_detectors(cfg_json, pairs, manifest, version, root, code)]
+            return [run_detectors(cfg_json, version, root, code)]
         if stage != "generate":
             raise ValueError(f"stage: {stage!r} is not one of ['generate', 'detect']")
         outputs = []
         for anomaly_type in anomaly_types:
-            checkpoint = None
-            if cfg.generator == "magic":
-                checkpoint = finetune_type(
-                    cfg_json, manifest, category, anomaly_type, version, root, code
-                )
+            checkpoint = prepare_type(cfg_json, category, anomaly_type, version, root, code)
             outputs.append(
-                generate_type(
-                    cfg_json, manifest, category, anomaly_type, checkpoint, version, root, code
-                )
+                generate_type(cfg_json, category, anomaly_type, checkpoint, version, root, code)
             )
         return outputs

@@ -91,7 +91,6 @@ def dispatch_gpu_stage(
     version: str,
     root: str,
     code: str,
-    pairs: str | None = None,
 ) -> list[str]:
     """Run one GPU stage for one category, in-process or on the work pool."""
     from flows.gpu_stage import gpu_stage, stage_outputs
@@ -106,7 +105,6 @@ def dispatch_gpu_stage(
         version=version,
         root=root,
         code=code,
-        pairs=pairs,
     )
     if cfg.orchestration.dispatch == "local":
         return gpu_stage(**params)

@@ -1,0 +1,204 @@
+"""The factory's stages, one function each: the core every route runs.
+
+The Prefect tasks (``tasks/stages.py``), the ``anomaly-factory stage`` command and the
+DVC stages it backs (``dvc.yaml``, written by ``anomaly-factory dvc-yaml``) all call
+these, so a version's files are the same whichever way it was made. Each takes a
+:class:`RunRef` and reads and writes only :class:`~anomaly_factory.layout.RunLayout`
+paths; relative paths in manifests are relative to ``ref.root``, so run them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anomaly_factory.config import FactoryConfig
+from anomaly_factory.layout import RunLayout, default_version
+
+# The stages in order, as `anomaly-factory stage` and dvc.yaml name them.
+STAGES = ("ingest", "generate", "merge", "gates", "detect", "report", "shards", "publish")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run a stage belongs to: its config, version name, data root and code version.
+
+    ``code`` (``provenance.code_hash()``) is not read by the stages: it is part of the
+    Prefect tasks' cache key, so that changed code re-runs them.
+    """
+
+    cfg: FactoryConfig
+    version: str
+    root: Path
+    code: str = ""
+
+    @classmethod
+    def make(
+        cls, cfg: FactoryConfig, version: str | None, root: Path | str, code: str = ""
+    ) -> RunRef:
+        """``version`` None is the config's default name (``<profile>-<hash>``)."""
+        return cls(cfg, version or default_version(cfg), Path(root).resolve(), code)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.cfg, self.version, self.root)
+
+
+def ingest(ref: RunRef, dataset_index: int) -> Path:
+    """One dataset of ``datasets.items`` into its image manifest."""
+    from anomaly_factory.datasets.ingest import ingest as ingest_dataset
+
+    cfg = ref.cfg
+    spec = cfg.datasets.items[dataset_index]
+    out = ref.layout.dataset_manifest(spec.name)
+    ingest_dataset(
+        spec.name,
+        spec.source,
+        out,
+        ref.layout.raw_root,
+        spec.sha256,
+        spec.categories,
+        cfg.datasets.on_bad_input,
+        cfg.split.fewshot_fraction,
+        cfg.demo,
+        show_progress=False,
+        alpha=cfg.datasets.alpha,
+    )
+    return out
+
+
+def combine_manifests(ref: RunRef, parts: list[Path] | None = None) -> Path:
+    """The version's manifest: every dataset's (default: each of ``datasets.items``)."""
+    import pandas as pd
+
+    from anomaly_factory.manifest import read_images, write_images
+
+    if parts is None:
+        parts = [ref.layout.dataset_manifest(d.name) for d in ref.cfg.datasets.items]
+    out = ref.layout.manifest
+    write_images(pd.concat([read_images(p) for p in parts], ignore_index=True), out)
+    return out
+
+
+def category_types(ref: RunRef) -> dict[str, list[str]]:
+    """Each category of the version's manifest with its few-shot anomaly types."""
+    from anomaly_factory.manifest import anomaly_types, read_images
+
+    images = read_images(ref.layout.manifest)
+    jobs = {c: anomaly_types(images, c) for c in sorted(images["category"].unique())}
+    return {c: t for c, t in jobs.items() if t}
+
+
+def prepare(ref: RunRef, category: str, anomaly_type: str) -> Path | None:
+    """Train what the generator needs for one type (MAGIC: its fine-tune; resumes, and
+    returns a finished one as is); None for generators that train nothing per type."""
+    if ref.cfg.generator != "magic":
+        return None
+    from anomaly_factory.generators.magic.finetune import finetune
+
+    return finetune(
+        ref.cfg,
+        ref.layout.manifest,
+        category,
+        anomaly_type,
+        ref.layout.checkpoint(category, anomaly_type),
+    )
+
+
+def generate_type(ref: RunRef, category: str, anomaly_type: str, checkpoint: Path | None) -> Path:
+    """Masks -> CAMA -> generation for one type; resumable. Returns its pairs.parquet."""
+    from anomaly_factory import progress
+    from anomaly_factory.gates.publication import candidates_per_type
+    from anomaly_factory.generators.registry import run_generator
+
+    layout = ref.layout
+    unit = f"{category}/{anomaly_type}"
+    n = candidates_per_type(ref.cfg)  # n_pairs, plus extras when the gates drop failing pairs
+    progress.report(layout.progress, "generate", unit, 0, n)
+    pairs = run_generator(
+        ref.cfg.generator,
+        ref.cfg,
+        layout.manifest,
+        category,
+        anomaly_type,
+        n,
+        layout.pairs_dir(category, anomaly_type),
+        checkpoint=checkpoint,
+    )
+    progress.report(layout.progress, "generate", unit, n, n)
+    return Path(pairs)
+
+
+def generate_category(ref: RunRef, category: str, anomaly_types: list[str]) -> list[Path]:
+    """``prepare`` then ``generate_type`` for each type, one after another."""
+    return [generate_type(ref, category, t, prepare(ref, category, t)) for t in anomaly_types]
+
+
+def merge_pairs(ref: RunRef, parts: list[Path] | None = None) -> Path:
+    """The version's pairs manifest (default: every type's of the manifest)."""
+    from anomaly_factory.generators.output import PAIRS_FILE
+    from anomaly_factory.generators.output import merge_pairs as merge
+
+    if parts is None:
+        parts = [
+            ref.layout.pairs_dir(c, t) / PAIRS_FILE
+            for c, types in category_types(ref).items()
+            for t in types
+        ]
+    return merge(parts, ref.layout.pairs)
+
+
+def gates(ref: RunRef) -> dict[str, Any]:
+    """KID / IC-LPIPS / pair checks / expectations into the reports folder; returns the
+    decision (never raises on a failed gate)."""
+    from anomaly_factory.gates import run_gates
+
+    layout = ref.layout
+    result = run_gates(
+        ref.cfg, layout.pairs, layout.manifest, layout.reports, ref.cfg.generate.n_pairs
+    )
+    return {
+        "passed": bool(result.passed),
+        "publishable": bool(result.publishable),
+        "reports": str(layout.reports),
+        "types": {name: bool(t.passed) for name, t in result.types.items()},
+        "reasons": {name: list(t.reasons) for name, t in result.types.items()},
+        "version_reasons": list(result.version_reasons),
+        "gates_on": [g["gate"] for g in result.gates if g["on"]],
+        "gates_off": [g["gate"] for g in result.gates if not g["on"]],
+    }
+
+
+def detect(ref: RunRef) -> Path:
+    """Downstream detectors on the real test split: ``detector_metrics.json``."""
+    from anomaly_factory.detectors import run_detectors
+
+    layout = ref.layout
+    return Path(run_detectors(ref.cfg, layout.pairs, layout.manifest, layout.reports))
+
+
+def report(ref: RunRef) -> Path:
+    """The HTML report, with the detectors' section when they ran."""
+    from anomaly_factory.gates.run import rerender_report
+
+    return Path(rerender_report(ref.cfg, ref.layout.pairs, ref.layout.reports))
+
+
+def shards(ref: RunRef) -> Path:
+    """Webdataset shards, wids index and card of the version (swapped in complete)."""
+    from anomaly_factory.storage.shards import write_shards
+
+    layout = ref.layout
+    return Path(
+        write_shards(
+            ref.cfg, layout.pairs, layout.manifest, ref.version, layout.reports, layout.shards
+        )
+    )
+
+
+def publish(ref: RunRef) -> str:
+    """Upload the version to S3 (+ dvc push, git tag); returns its URI."""
+    from anomaly_factory.storage.publish import publish_version
+
+    return publish_version(ref.cfg, ref.version, workspace=ref.root).uri
