@@ -1,4 +1,4 @@
-"""``anomaly-factory shards | publish | pull`` (+ the per-category commands dvc.yaml runs).
+"""``anomaly-factory shards | publish | pull``.
 
 Thin wrappers: ``storage.shards.write_shards`` and ``storage.publish.publish_version``
 do the work, and the flows call them too.
@@ -6,7 +6,6 @@ do the work, and the flows call them too.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -139,80 +138,7 @@ def pull(
     console.print(f"pulled {loc.uri()} into {dest}")
 
 
-def _run_command(args: list[str]) -> None:
-    """Run another anomaly-factory command in this process (what the flows run too)."""
-    from anomaly_factory.cli import app
-
-    command = typer.main.get_command(app)
-    console.print(f"$ anomaly-factory {subprocess.list2cmdline(args)}")
-    code = command.main(args=args, prog_name="anomaly-factory", standalone_mode=False)
-    if code not in (None, 0):
-        raise typer.Exit(code)
-
-
-def _types(manifest: Path, category: str) -> list[str]:
-    from anomaly_factory.manifest import anomaly_types, read_images
-
-    types = anomaly_types(read_images(manifest), category)
-    if not types:
-        raise fail(f"{manifest}: category {category!r} has no few-shot anomaly types")
-    return types
-
-
-def _common_args(config: Path | None, profile: str | None) -> list[str]:
-    return [
-        *(["--config", str(config)] if config else []),
-        *(["--profile", profile] if profile else []),
-    ]
-
-
-def category_finetune(
-    manifest: Annotated[Path, typer.Option(help="Image manifest")],
-    category: Annotated[str, typer.Option(help="Category")],
-    out: Annotated[Path, typer.Option(help="Checkpoints folder; one sub-folder per type")],
-    config: ConfigOpt = None,
-    profile: ProfileOpt = None,
-) -> None:
-    """`finetune` every anomaly type of a category (dvc.yaml's per-category stage)."""
-    for anomaly_type in _types(manifest, category):
-        _run_command(
-            ["finetune", "--manifest", str(manifest), "--category", category]
-            + ["--anomaly-type", anomaly_type, "--out", str(out / anomaly_type)]
-            + _common_args(config, profile)
-        )
-
-
-def category_generate(
-    manifest: Annotated[Path, typer.Option(help="Image manifest")],
-    category: Annotated[str, typer.Option(help="Category")],
-    checkpoints: Annotated[Path, typer.Option(help="category-finetune's --out")],
-    out: Annotated[Path, typer.Option(help="Pairs folder (pairs.parquet inside)")],
-    n_pairs: Annotated[
-        int | None, typer.Option(help="Pairs per type (default: generate.n_pairs)")
-    ] = None,
-    config: ConfigOpt = None,
-    profile: ProfileOpt = None,
-) -> None:
-    """`generate` pairs for every anomaly type of a category (``out/<type>``), then merge
-    them into ``out/pairs.parquet``."""
-    from anomaly_factory.generators.output import PAIRS_FILE, merge_pairs
-
-    n = n_pairs or get_config(config, profile).generate.n_pairs
-    parts = []
-    for anomaly_type in _types(manifest, category):
-        _run_command(
-            ["generate", "--manifest", str(manifest), "--category", category]
-            + ["--anomaly-type", anomaly_type, "--checkpoint", str(checkpoints / anomaly_type)]
-            + ["--n-pairs", str(n), "--out", str(out / anomaly_type)]
-            + _common_args(config, profile)
-        )
-        parts.append(out / anomaly_type / PAIRS_FILE)
-    merge_pairs(parts, out / PAIRS_FILE)
-
-
 def register(app: typer.Typer) -> None:
     app.command("shards", epilog=EPILOG)(shards)
     app.command("publish", epilog=EPILOG)(publish)
     app.command("pull", help=PULL_HELP, epilog=EPILOG)(pull)
-    app.command("category-finetune", epilog=EPILOG)(category_finetune)
-    app.command("category-generate", epilog=EPILOG)(category_generate)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_factory.errors import InputError
-from anomaly_factory.io import atomic_write_json, save_png
+from anomaly_factory.io import atomic_write_json, portable_path, save_png
 from anomaly_factory.manifest import PAIR_COLUMNS, write_pairs
 
 PAIRS_FILE = "pairs.parquet"
@@ -114,9 +114,10 @@ def save_pair(
     mask_u8 = (np.asarray(mask) > 0).astype(np.uint8) * 255
     row = dict(metadata)
     row["key"] = key
-    row["image_path"] = str(save_png(out_dir / "images" / f"{key}.png", image))
-    row["mask_path"] = str(save_png(out_dir / "masks" / f"{key}.png", mask_u8))
-    row["normal_path"] = str(save_png(out_dir / "normals" / f"{key}.png", normal))
+    # relative to the data root, as in pairs.parquet: the records read the same anywhere
+    row["image_path"] = portable_path(save_png(out_dir / "images" / f"{key}.png", image))
+    row["mask_path"] = portable_path(save_png(out_dir / "masks" / f"{key}.png", mask_u8))
+    row["normal_path"] = portable_path(save_png(out_dir / "normals" / f"{key}.png", normal))
     missing = [c for c in PAIR_COLUMNS if c not in row]
     if missing:
         raise ValueError(f"pair {key}: metadata lacks {missing}")

@@ -112,7 +112,12 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
                 "deps": [manifest, "anomaly_factory/generators"],
                 "params": params("generate"),
                 "outs": [
-                    {rel(layout.checkpoint("${item}", "x").parent): {"persist": True}},
+                    # MAGIC's per-type fine-tunes (other generators train none per type)
+                    *(
+                        [{rel(layout.checkpoint("${item}", "x").parent): {"persist": True}}]
+                        if cfg.generator == "magic"
+                        else []
+                    ),
                     {rel(layout.pairs_dir("${item}", "x").parent): {"cache": False}},
                 ],
             },
