@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from anomaly_factory.datasets.formats import FORMATS
 from anomaly_factory.errors import InputError
 
 DEFAULT_PROFILE = "tiny"
@@ -79,7 +80,8 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------- datasets
-DatasetName = Literal["mvtec_ad", "visa", "mvtec_3d_ad", "demo"]
+# the names of the dataset formats' registry (datasets/formats.py), as one Literal
+DatasetName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
 
 class DatasetSpec(Section):

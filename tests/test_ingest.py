@@ -13,6 +13,7 @@ from PIL import Image
 from anomaly_factory.datasets.ingest import ingest
 from anomaly_factory.datasets.split import SplitLeakError, assign_splits, check_no_leak
 from anomaly_factory.datasets.validate import BadInputError
+from anomaly_factory.errors import InputError
 from anomaly_factory.manifest import IMAGE_COLUMNS, read_images
 from tests.layouts import make_mvtec_3d_ad, make_mvtec_ad, make_visa
 
@@ -178,3 +179,25 @@ def test_category_filter_and_unknown_category(tmp_path):
     assert set(res.manifest.category) == {"grid"}
     with pytest.raises(ValueError, match="nope"):
         ingest("mvtec_ad", root, tmp_path / "m2.parquet", categories=["nope"], show_progress=False)
+
+
+def test_a_format_added_to_the_registry_is_ingested(tmp_path, monkeypatch):
+    """One DatasetFormat entry is all a new format needs: its reader, root marker, licence."""
+    from anomaly_factory.datasets import formats
+    from anomaly_factory.datasets.layouts import read_mvtec_ad
+    from anomaly_factory.storage.card import dataset_license
+
+    toy = formats.DatasetFormat(
+        "toy",
+        lambda root, categories=None: read_mvtec_ad(root, categories, dataset="toy"),
+        "*/train/good",
+        license="CC0",
+    )
+    monkeypatch.setitem(formats.FORMATS, "toy", toy)
+    wrapped = make_mvtec_ad(tmp_path / "archive" / "toy_v1")  # one folder above its root
+    res = ingest("toy", wrapped.parent, tmp_path / "t.parquet", show_progress=False)
+    assert set(res.manifest["dataset"]) == {"toy"}
+    assert len(res.manifest) == 2 * (4 + 2 + 7 + 4)
+    assert dataset_license("toy") == "CC0"
+    with pytest.raises(InputError, match=r"'nope' is not one of \['mvtec_ad'.*'toy'\]"):
+        ingest("nope", wrapped, tmp_path / "n.parquet", show_progress=False)

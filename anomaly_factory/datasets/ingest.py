@@ -9,7 +9,7 @@ import pandas as pd
 
 from anomaly_factory.config import DemoSection
 from anomaly_factory.datasets.demo import build_demo
-from anomaly_factory.datasets.layouts import READERS
+from anomaly_factory.datasets.formats import FORMATS, get_format
 from anomaly_factory.datasets.sources import find_root, materialize
 from anomaly_factory.datasets.split import assign_splits, check_no_leak
 from anomaly_factory.datasets.validate import BadInputError, Problem, inspect_files
@@ -17,14 +17,7 @@ from anomaly_factory.errors import InputError
 from anomaly_factory.io import TMP_SUFFIX, atomic_path, remove_stale
 from anomaly_factory.manifest import GOOD, IMAGE_COLUMNS, validate_images, write_images
 
-DATASETS = tuple(READERS)
-# What the dataset root holds; archives often wrap it in one extra folder.
-ROOT_MARKERS = {
-    "mvtec_ad": "*/train/good",
-    "demo": "*/train/good",
-    "visa": "split_csv/1cls.csv",
-    "mvtec_3d_ad": "*/train/good/rgb",
-}
+DATASETS = tuple(FORMATS)
 
 
 @dataclass
@@ -79,15 +72,14 @@ def ingest(
     (a clean run removes an older one); a quarantine that would remove a whole
     anomaly type is an error. ``alpha`` is ``datasets.alpha``.
     """
-    if dataset not in READERS:
-        raise InputError(f"dataset: {dataset!r} is not one of {list(READERS)}")
+    fmt = get_format(dataset)
     if on_bad_input not in ("fail", "quarantine"):
         raise InputError(f"on_bad_input: {on_bad_input!r} is not one of ['fail', 'quarantine']")
     root, manifest_out = Path(root), Path(manifest_out)
     for name in (manifest_out.name, quarantine_path_for(manifest_out).name):
         if manifest_out.parent.is_dir():  # what a killed ingest left half-written
             remove_stale(manifest_out.parent.glob(f".{name}.*{TMP_SUFFIX}"))
-    if dataset == "demo":
+    if fmt.built_in:
         d = demo or DemoSection()
         folder = Path(source) if source else root / "demo"
         build_demo(
@@ -101,8 +93,8 @@ def ingest(
         )
     else:
         folder = materialize(dataset, source, root, sha256, show_progress)
-    folder = find_root(folder, ROOT_MARKERS[dataset])
-    raw = READERS[dataset](folder)
+    folder = find_root(folder, fmt.root_marker)
+    raw = fmt.read(folder)
     if categories:
         unknown = sorted(set(categories) - set(raw["category"]))
         if unknown:

@@ -203,11 +203,3 @@ def read_mvtec_3d_ad(root: Path, categories: Iterable[str] | None = None) -> pd.
                         )
                     )
     return _frame(records, root, "mvtec_3d_ad")
-
-
-READERS = {
-    "mvtec_ad": read_mvtec_ad,
-    "demo": lambda root, categories=None: read_mvtec_ad(root, categories, dataset="demo"),
-    "visa": read_visa,
-    "mvtec_3d_ad": read_mvtec_3d_ad,
-}

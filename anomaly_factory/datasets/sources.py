@@ -37,33 +37,7 @@ class ArchiveInfo:
     filename: str
     checksum: str
     algorithm: str = "sha256"
-    license: str = ""
 
-
-# URLs and checksums as anomalib 2.7 publishes them (its DOWNLOAD_INFO).
-KNOWN_ARCHIVES: dict[str, ArchiveInfo] = {
-    "mvtec_ad": ArchiveInfo(
-        url="https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/"
-        "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz",
-        filename="mvtec_anomaly_detection.tar.xz",
-        checksum="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
-        license="CC BY-NC-SA 4.0",
-    ),
-    "visa": ArchiveInfo(
-        url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
-        filename="VisA_20220922.tar",
-        checksum="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
-        license="CC BY 4.0",
-    ),
-    "mvtec_3d_ad": ArchiveInfo(
-        url="https://www.mydrive.ch/shares/150646/25de33f1276dd418cd856f2f48a84cdb/"
-        "download/428824485-1643299897/mvtec_3d_anomaly_detection.tar.xz",
-        filename="mvtec_3d_anomaly_detection.tar.xz",
-        checksum="d8bb2800fbf3ac88e798da6ae10dc819",
-        algorithm="md5",
-        license="CC BY-NC-SA 4.0",
-    ),
-}
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 
@@ -259,7 +233,9 @@ def materialize(
     show_progress: bool = True,
 ) -> Path:
     """Turn a folder, archive or URL into an extracted folder on disk."""
-    info = KNOWN_ARCHIVES.get(dataset)
+    from anomaly_factory.datasets.formats import get_format
+
+    info = get_format(dataset).archive
     algorithm = "sha256"
     if source is None:
         if info is None:
