@@ -94,16 +94,10 @@ def publish(
     repository the shards are also committed to DVC, pushed to its remote and tagged
     ``<version>`` in git, so ``dvc get <repo> data/shards/<version> --rev <version>`` works.
     """
-    from anomaly_factory.storage.dvc_ops import DVCError
     from anomaly_factory.storage.publish import publish_version
-    from anomaly_factory.storage.s3 import PublishError
-    from anomaly_factory.storage.shards import ShardError
 
     cfg = get_config(config, profile)
-    try:
-        done = publish_version(cfg, version, bucket, prefix, force, dvc, tag)
-    except (PublishError, DVCError, ShardError) as exc:
-        raise fail(exc) from None
+    done = publish_version(cfg, version, bucket, prefix, force, dvc, tag)
     console.print(f"published {done.uri}")
     if done.dvc_pushed:
         console.print(f"dvc push  {cfg.shards.out_dir / version}")
@@ -122,19 +116,16 @@ def pull(
     profile: ProfileOpt = None,
 ) -> None:
     """Download a published version byte-exact (see PULL_HELP for `dvc get`)."""
-    from anomaly_factory.storage.s3 import PublishError, S3Location, make_client, pull_version
-    from anomaly_factory.storage.shards import ShardError, check_version
+    from anomaly_factory.storage.s3 import S3Location, make_client, pull_version
+    from anomaly_factory.storage.shards import check_version
 
     cfg = get_config(config, profile)
     bucket = bucket or cfg.publish.bucket
     if not bucket:
         raise fail("no bucket: pass --bucket or set publish.bucket (or use `dvc get`, see --help)")
-    try:
-        check_version(version)
-        loc = S3Location(bucket, cfg.publish.prefix if prefix is None else prefix, version)
-        dest = pull_version(make_client(cfg.publish.max_attempts), loc, out or cfg.shards.out_dir)
-    except (PublishError, ShardError) as exc:
-        raise fail(exc) from None
+    check_version(version)
+    loc = S3Location(bucket, cfg.publish.prefix if prefix is None else prefix, version)
+    dest = pull_version(make_client(cfg.publish.max_attempts), loc, out or cfg.shards.out_dir)
     console.print(f"pulled {loc.uri()} into {dest}")
 
 

@@ -30,6 +30,7 @@ from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.io import atomic_write_json, sha256_file
 
 META_FILE = "checkpoint.json"
@@ -38,7 +39,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 STATE_PREFIX = "train_state-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint folder is missing files or does not match the configuration."""
 
 

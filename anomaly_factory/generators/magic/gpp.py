@@ -14,6 +14,8 @@ import logging
 
 import torch
 
+from anomaly_factory.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +73,7 @@ def gaussian_prompt_perturbation(
 
 
 # --------------------------------------------------------------------------- consistency
-class GPPMismatchError(ValueError):
+class GPPMismatchError(InputError):
     """Inference GPP differs from the GPP the checkpoint was fine-tuned with."""
 
 
