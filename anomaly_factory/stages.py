@@ -156,7 +156,12 @@ def gates(ref: RunRef) -> dict[str, Any]:
 
     layout = ref.layout
     result = run_gates(
-        ref.cfg, layout.pairs, layout.manifest, layout.reports, ref.cfg.generate.n_pairs
+        ref.cfg,
+        layout.pairs,
+        layout.manifest,
+        layout.reports,
+        ref.cfg.generate.n_pairs,
+        report=False,  # the report stage renders it, once, after the detectors
     )
     return {
         "passed": bool(result.passed),
@@ -167,6 +172,21 @@ def gates(ref: RunRef) -> dict[str, Any]:
         "version_reasons": list(result.version_reasons),
         "gates_on": [g["gate"] for g in result.gates if g["on"]],
         "gates_off": [g["gate"] for g in result.gates if not g["on"]],
+    }
+
+
+def gate_verdict(ref: RunRef) -> dict[str, Any]:
+    """The decision ``gates`` wrote (gates.json): ``passed``, ``publishable`` and
+    ``types`` (each type's passed flag)."""
+    import json
+
+    from anomaly_factory.gates.decide import GATES_FILE
+
+    saved = json.loads((ref.layout.reports / GATES_FILE).read_text())
+    return {
+        "passed": bool(saved["passed"]),
+        "publishable": bool(saved["publishable"]),
+        "types": {name: bool(t["passed"]) for name, t in saved["types"].items()},
     }
 
 

@@ -26,6 +26,7 @@ from anomaly_factory.errors import GatesFailed
 from anomaly_factory.layout import RunLayout, default_version
 from anomaly_factory.manifest import anomaly_types, read_images
 from anomaly_factory.provenance import code_hash
+from tasks.common import configured
 from tasks.dispatch import dispatch_gpu_stage, run_stages
 from tasks.stages import (
     combine_manifests,
@@ -36,15 +37,6 @@ from tasks.stages import (
     run_gates,
     write_shards,
 )
-
-
-def _with_options(cfg: FactoryConfig, fn):
-    """Apply the configured retries and caching to a task."""
-    orch = cfg.orchestration
-    options: dict[str, Any] = {"retries": orch.retries, "retry_delay_seconds": orch.retry_delay_s}
-    if not orch.cache:
-        options["refresh_cache"] = True
-    return fn.with_options(**options)
 
 
 @flow(name="factory", log_prints=True)
@@ -90,19 +82,19 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
         progress.report(layout.progress, name, progress.STAGE_UNIT, finished, total)
 
     # ingest
-    ingest = _with_options(cfg, ingest_dataset)
+    ingest = configured(ingest_dataset, cfg)
     n_datasets = len(cfg.datasets.items)
     stage("ingest", 0, n_datasets)
     parts = []
     for i in range(n_datasets):
         parts.append(ingest(cfg_json, i, version, root, code))
         stage("ingest", i + 1, n_datasets)
-    manifest = combine_manifests(cfg_json, parts, version, root, code)
+    manifest = configured(combine_manifests, cfg)(cfg_json, parts, version, root, code)
     images = read_images(manifest)
     done(5)
 
     # GPU stages: one run per category, fanned out on the work pool
-    dispatch = _with_options(cfg, dispatch_gpu_stage)
+    dispatch = configured(dispatch_gpu_stage, cfg)
     categories = sorted(images["category"].unique())
     jobs = {c: anomaly_types(images, c) for c in categories}
     jobs = {c: t for c, t in jobs.items() if t}
@@ -129,11 +121,11 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
         stage("generate", types_done, n_types)
         done(5 + 70 * i / len(jobs))
     parts = [p for paths in per_category for p in paths]
-    pairs = merge_pairs(cfg_json, parts, version, root, code)
+    pairs = configured(merge_pairs, cfg)(cfg_json, parts, version, root, code)
 
     # quality gates, downstream detectors, report
     stage("gates", 0, 1)
-    gates = run_gates(cfg_json, version, root, code)
+    gates = configured(run_gates, cfg)(cfg_json, version, root, code)
     stage("gates", 1, 1)
     done(80)
     if cfg.detector.enabled:
@@ -142,18 +134,18 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
         stage("detect", 1, 1)
     done(92)
     stage("report", 0, 1)
-    report = render_report(cfg_json, version, root, code)
+    report = configured(render_report, cfg)(cfg_json, version, root, code)
     stage("report", 1, 1)
 
     # shards, publishing
     stage("shards", 0, 1)
-    index = write_shards(cfg_json, version, root, code)
+    index = configured(write_shards, cfg)(cfg_json, version, root, code)
     stage("shards", 1, 1)
     done(97)
     published = None
     if cfg.publish.enabled and gates["publishable"]:
         stage("publish", 0, 1)
-        published = publish_version(cfg_json, version, root)
+        published = configured(publish_version, cfg)(cfg_json, version, root)
         stage("publish", 1, 1)
     elif cfg.publish.enabled:
         logger.warning("version %s failed its gates: not published", version)

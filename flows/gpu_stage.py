@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from anomaly_factory.layout import RunLayout
-from tasks.common import config_from
+from tasks.common import config_from, configured
 from tasks.heartbeat import Heartbeat
 from tasks.stages import generate_type, prepare_type, run_detectors
 
@@ -50,13 +50,12 @@ def gpu_stage(
         raise ValueError(f"gpu_stage: manifest {manifest} is not the version's {layout.manifest}")
     with contextlib.chdir(root), Heartbeat():
         if stage == "detect":
-            return [run_detectors(cfg_json, version, root, code)]
+            return [configured(run_detectors, cfg)(cfg_json, version, root, code)]
         if stage != "generate":
             raise ValueError(f"stage: {stage!r} is not one of ['generate', 'detect']")
         outputs = []
         for anomaly_type in anomaly_types:
-            checkpoint = prepare_type(cfg_json, category, anomaly_type, version, root, code)
-            outputs.append(
-                generate_type(cfg_json, category, anomaly_type, checkpoint, version, root, code)
-            )
+            args = (cfg_json, category, anomaly_type)
+            checkpoint = configured(prepare_type, cfg)(*args, version, root, code)
+            outputs.append(configured(generate_type, cfg)(*args, checkpoint, version, root, code))
         return outputs

@@ -12,8 +12,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from anomaly_factory.config import FactoryConfig
 from tasks.heartbeat import StageCrashed
 
-# Inputs include the resolved config and the package's code hash, so a change of
-# either re-runs the task; TASK_SOURCE covers the wrapper itself.
+# A task's cache key has three parts: its source (TASK_SOURCE), the resolved config
+# (``cfg_json``) and the package's code hash (``code``, provenance.code_hash()), with the
+# version and data root (both INPUTS). A change of any part re-runs the task.
 CACHE = INPUTS + TASK_SOURCE
 
 
@@ -49,3 +50,20 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except BaseException as exc:  # the task's own exception is re-raised here
         return is_transient(exc)
     return False
+
+
+def configured(task: Any, cfg: FactoryConfig) -> Any:
+    """``task`` with the config's retries (transient failures only) and caching.
+
+    Every task of the flows goes through here, so ``orchestration.retries``,
+    ``retry_delay_s`` and ``cache`` mean the same for each.
+    """
+    orch = cfg.orchestration
+    options: dict[str, Any] = {
+        "retries": orch.retries,
+        "retry_delay_seconds": orch.retry_delay_s,
+        "retry_condition_fn": retry_transient,
+    }
+    if not orch.cache:
+        options["refresh_cache"] = True
+    return task.with_options(**options)

@@ -28,7 +28,7 @@ from prefect.tasks import Task
 from prefect.variables import Variable
 
 from anomaly_factory.config import FactoryConfig
-from tasks.common import CACHE, config_from, retry_transient
+from tasks.common import CACHE, config_from
 from tasks.heartbeat import StageCrashed, heartbeat_name
 
 GPU_CONCURRENCY = "gpu"  # global concurrency limit bounding GPU stages in flight
@@ -74,14 +74,7 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
             time.sleep(POLL_S)
 
 
-@task(
-    name="gpu-stage",
-    cache_policy=CACHE,
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=3,
-    retry_condition_fn=retry_transient,
-)
+@task(name="gpu-stage", cache_policy=CACHE, persist_result=True)  # retries: configured()
 def dispatch_gpu_stage(
     cfg_json: dict[str, Any],
     stage: str,

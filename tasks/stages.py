@@ -2,6 +2,7 @@
 
 Their arguments are plain JSON (the resolved config, version, data root, code hash):
 Prefect hashes them into the cache key, so a change of config or code re-runs a task.
+Retries and caching come from the config, through ``tasks.common.configured``.
 """
 
 from __future__ import annotations
@@ -12,21 +13,14 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from anomaly_factory import stages
-from tasks.common import CACHE, config_from, retry_transient
+from tasks.common import CACHE, config_from
 
 
 def _ref(cfg_json: dict[str, Any], version: str, root: str, code: str = "") -> stages.RunRef:
     return stages.RunRef(config_from(cfg_json), version, Path(root), code)
 
 
-@task(
-    name="ingest",
-    cache_policy=CACHE,
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-)
+@task(name="ingest", cache_policy=CACHE, persist_result=True)
 def ingest_dataset(
     cfg_json: dict[str, Any], dataset_index: int, version: str, root: str, code: str
 ) -> str:
@@ -44,14 +38,7 @@ def combine_manifests(
     return str(stages.combine_manifests(ref, [Path(p) for p in parts]))
 
 
-@task(
-    name="finetune",
-    cache_policy=CACHE,
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-)
+@task(name="finetune", cache_policy=CACHE, persist_result=True)
 def prepare_type(
     cfg_json: dict[str, Any],
     category: str,
@@ -65,14 +52,7 @@ def prepare_type(
     return str(out) if out is not None else None
 
 
-@task(
-    name="generate",
-    cache_policy=CACHE,
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-)
+@task(name="generate", cache_policy=CACHE, persist_result=True)
 def generate_type(
     cfg_json: dict[str, Any],
     category: str,
@@ -102,13 +82,7 @@ def run_gates(cfg_json: dict[str, Any], version: str, root: str, code: str) -> d
     return stages.gates(_ref(cfg_json, version, root, code))
 
 
-@task(
-    name="detectors",
-    cache_policy=CACHE,
-    persist_result=True,
-    retries=1,
-    retry_condition_fn=retry_transient,
-)
+@task(name="detectors", cache_policy=CACHE, persist_result=True)
 def run_detectors(cfg_json: dict[str, Any], version: str, root: str, code: str) -> str:
     return str(stages.detect(_ref(cfg_json, version, root, code)))
 
@@ -124,6 +98,6 @@ def write_shards(cfg_json: dict[str, Any], version: str, root: str, code: str) -
     return str(stages.shards(_ref(cfg_json, version, root, code)))
 
 
-@task(name="publish", retries=3, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+@task(name="publish")
 def publish_version(cfg_json: dict[str, Any], version: str, root: str) -> str:
     return stages.publish(_ref(cfg_json, version, root))

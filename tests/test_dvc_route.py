@@ -96,3 +96,25 @@ def test_dvc_yaml_names_the_layouts_paths_and_is_current(routes):
     assert "data/pairs/" + version + "/${item}" in outs
     # the project's own dvc.yaml is what the generator writes for pipelines.yaml
     _run([str(BIN / "anomaly-factory"), "dvc-yaml", "--check"], REPO)
+
+
+def test_stages_of_a_failing_version_write_everything_then_the_last_one_fails(tmp_path):
+    """As `anomaly-factory run`: every output is written, the report included, and the
+    pipeline ends with exit 1 (so `dvc repro` fails) naming the failed types."""
+    from tests.test_deployments import FAILING
+
+    write_config(tmp_path / "pipelines.yaml", **QUICK | FAILING)
+    version = default_version(load_config(tmp_path / "pipelines.yaml"))
+    cli = str(BIN / "anomaly-factory")
+    for name in ("ingest", "generate", "merge"):
+        _run([cli, "stage", name], tmp_path)
+    gates = _run([cli, "stage", "gates"], tmp_path).stdout  # exit 0: the verdict is printed
+    assert "failed: demo/nut_demo/rust, demo/nut_demo/scratch" in gates
+    _run([cli, "stage", "report"], tmp_path)
+    assert (tmp_path / "data" / "reports" / version / "report.html").is_file()
+    shards = subprocess.run(
+        [cli, "stage", "shards"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True
+    )
+    assert shards.returncode == 1, shards.stderr
+    assert "quality gates failed for: demo/nut_demo/rust, demo/nut_demo/scratch" in shards.stderr
+    assert (tmp_path / "data" / "shards" / version / "card.json").is_file()

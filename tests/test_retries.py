@@ -47,3 +47,38 @@ def test_the_gpu_flow_does_not_import_its_dispatcher():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+ATTEMPTS: list[str] = []
+
+
+def test_configured_tasks_retry_transient_failures_as_the_config_says():
+    """``tasks.common.configured`` gives a task ``orchestration.retries`` for transient
+    failures only: run by Prefect's engine, a worker crash is retried, bad input is not."""
+    from prefect import flow, task
+    from prefect.testing.utilities import prefect_test_harness
+
+    from anomaly_factory.config import FactoryConfig
+    from tasks.common import configured
+
+    @task(name="flaky")
+    def flaky(kind: str) -> str:
+        ATTEMPTS.append(kind)
+        if ATTEMPTS.count(kind) <= 2:
+            raise StageCrashed("worker gone") if kind == "crash" else InputError("n_pairs: 0")
+        return "done"
+
+    cfg = FactoryConfig.model_validate(
+        {"orchestration": {"retries": 2, "retry_delay_s": 0, "cache": False}}
+    )
+
+    @flow
+    def run(kind: str) -> str:
+        return configured(flaky, cfg)(kind)
+
+    with prefect_test_harness():
+        assert run("crash") == "done"
+        with pytest.raises(InputError):
+            run("bad")
+    assert ATTEMPTS.count("crash") == 3  # two retries
+    assert ATTEMPTS.count("bad") == 1  # none

@@ -38,8 +38,9 @@ def stage(
     """Run one stage of a version in this folder, as `anomaly-factory run` does.
 
     Reads and writes the same paths as the Prefect flow (RunLayout), through the same
-    functions (anomaly_factory.stages); dvc.yaml's stages are these commands. `gates`
-    exits 1 when the version fails its gates, after writing its reports.
+    functions (anomaly_factory.stages); dvc.yaml's stages are these commands. As in
+    `anomaly-factory run`, a version that fails its gates still gets every output:
+    `gates` prints the verdict, and `shards`, the last stage, exits 1 after writing.
     """
     from anomaly_factory import stages
     from anomaly_factory.errors import GatesFailed
@@ -66,15 +67,18 @@ def stage(
         failed = sorted(t for t, ok in decision["types"].items() if not ok)
         console.print(
             f"gates: {len(decision['types']) - len(failed)}/{len(decision['types'])} types pass"
+            + (f"; failed: {', '.join(failed) or 'the version'}" if failed else "")
         )
-        if not decision["passed"]:
-            raise GatesFailed(f"quality gates failed for: {', '.join(failed) or 'the version'}")
     elif name is Stage.detect:
         console.print(f"wrote {stages.detect(ref)}")
     elif name is Stage.report:
         console.print(f"wrote {stages.report(ref)}")
     elif name is Stage.shards:
         console.print(f"wrote {stages.shards(ref)}")
+        verdict = stages.gate_verdict(ref)
+        if not verdict["passed"]:
+            failed = sorted(t for t, ok in verdict["types"].items() if not ok)
+            raise GatesFailed(f"quality gates failed for: {', '.join(failed) or 'the version'}")
     else:
         console.print(f"published {stages.publish(ref)}")
 

@@ -276,9 +276,11 @@ def run_gates(
     expected_per_type: int | None = None,
     context: Any | None = None,
     metrics: dict[str, Any] | None = None,
+    report: bool = True,
 ) -> GateResult:
     """Check pixels, compute metrics, validate, decide; write pair_checks.parquet,
-    metrics.json, gates.json and report.html."""
+    metrics.json, gates.json and (``report``) report.html. The factory's own report
+    stage renders it once, after the detectors (:func:`rerender_report`)."""
     from anomaly_factory.gates.catalogue import gate_catalogue
     from anomaly_factory.gates.expectations import run_expectations
     from anomaly_factory.gates.pair_checks import compute_pair_checks, write_pair_checks
@@ -314,7 +316,8 @@ def run_gates(
     result.on_pair_failure = g.on_pair_failure
     _attach_type_details(result, types, checks)
     write_gates(result, out)
-    render_report(out, metrics, result, pair_table(raw), g.report_samples, checks=checks)
+    if report:
+        render_report(out, metrics, result, pair_table(raw), g.report_samples, checks=checks)
     return result
 
 
