@@ -9,9 +9,10 @@ paths; relative paths in manifests are relative to ``ref.root``, so run them the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.layout import RunLayout, default_version
@@ -20,13 +21,15 @@ from anomaly_factory.layout import RunLayout, default_version
 STAGES = ("ingest", "generate", "merge", "gates", "detect", "report", "shards", "publish")
 
 
-@dataclass(frozen=True)
-class RunRef:
+class RunRef(BaseModel):
     """Which run a stage belongs to: its config, version name, data root and code version.
 
-    ``code`` (``provenance.code_hash()``) is not read by the stages: it is part of the
-    Prefect tasks' cache key, so that changed code re-runs them.
+    One typed value that every task and GPU flow takes (Prefect hashes it into their
+    cache keys and sends it to workers as JSON). ``code`` (``provenance.code_hash()``) is
+    not read by the stages: it is in the cache key, so that changed code re-runs them.
     """
+
+    model_config = ConfigDict(frozen=True)
 
     cfg: FactoryConfig
     version: str
@@ -38,7 +41,9 @@ class RunRef:
         cls, cfg: FactoryConfig, version: str | None, root: Path | str, code: str = ""
     ) -> RunRef:
         """``version`` None is the config's default name (``<profile>-<hash>``)."""
-        return cls(cfg, version or default_version(cfg), Path(root).resolve(), code)
+        return cls(
+            cfg=cfg, version=version or default_version(cfg), root=Path(root).resolve(), code=code
+        )
 
     @property
     def layout(self) -> RunLayout:

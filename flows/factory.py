@@ -23,9 +23,8 @@ from prefect.artifacts import (
 from anomaly_factory import progress
 from anomaly_factory.config import FactoryConfig, load_config
 from anomaly_factory.errors import GatesFailed
-from anomaly_factory.layout import RunLayout, default_version
-from anomaly_factory.manifest import anomaly_types, read_images
 from anomaly_factory.provenance import code_hash
+from anomaly_factory.stages import RunRef, category_types
 from tasks.common import configured
 from tasks.dispatch import dispatch_gpu_stage, run_stages
 from tasks.stages import (
@@ -62,12 +61,10 @@ def factory(
 
 def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, Any]:
     logger = get_run_logger()
-    version = version or default_version(cfg)
-    layout = RunLayout(cfg, version, Path(root))
-    cfg_json = cfg.model_dump(mode="json")
-    code = code_hash()
+    ref = RunRef.make(cfg, version, root, code_hash())
+    version, layout = ref.version, ref.layout
     logger.info(
-        "factory %s: profile %s, config %s, code %s", version, cfg.profile, cfg.hash(), code
+        "factory %s: profile %s, config %s, code %s", version, cfg.profile, cfg.hash(), ref.code
     )
 
     artifact = create_progress_artifact(
@@ -87,32 +84,19 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     stage("ingest", 0, n_datasets)
     parts = []
     for i in range(n_datasets):
-        parts.append(ingest(cfg_json, i, version, root, code))
+        parts.append(ingest(ref, i))
         stage("ingest", i + 1, n_datasets)
-    manifest = configured(combine_manifests, cfg)(cfg_json, parts, version, root, code)
-    images = read_images(manifest)
+    configured(combine_manifests, cfg)(ref, parts)
     done(5)
 
     # GPU stages: one run per category, fanned out on the work pool
     dispatch = configured(dispatch_gpu_stage, cfg)
-    categories = sorted(images["category"].unique())
-    jobs = {c: anomaly_types(images, c) for c in categories}
-    jobs = {c: t for c, t in jobs.items() if t}
+    jobs = category_types(ref)
     n_types = sum(len(t) for t in jobs.values())
     types_done = 0
     stage("generate", 0, n_types)
     calls = {
-        c: dict(
-            cfg_json=cfg_json,
-            stage="generate",
-            category=c,
-            anomaly_types=t,
-            manifest=manifest,
-            version=version,
-            root=root,
-            code=code,
-        )
-        for c, t in jobs.items()
+        c: dict(ref=ref, stage="generate", category=c, anomaly_types=t) for c, t in jobs.items()
     }
     per_category = []
     for i, (c, paths) in enumerate(run_stages(cfg, dispatch, calls), 1):
@@ -120,32 +104,31 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
         types_done += len(jobs[c])
         stage("generate", types_done, n_types)
         done(5 + 70 * i / len(jobs))
-    parts = [p for paths in per_category for p in paths]
-    pairs = configured(merge_pairs, cfg)(cfg_json, parts, version, root, code)
+    pairs = configured(merge_pairs, cfg)(ref, [p for paths in per_category for p in paths])
 
     # quality gates, downstream detectors, report
     stage("gates", 0, 1)
-    gates = configured(run_gates, cfg)(cfg_json, version, root, code)
+    gates = configured(run_gates, cfg)(ref)
     stage("gates", 1, 1)
     done(80)
     if cfg.detector.enabled:
         stage("detect", 0, 1)
-        dispatch(cfg_json, "detect", "all", [], manifest, version, root, code)
+        dispatch(ref, "detect", "all", [])
         stage("detect", 1, 1)
     done(92)
     stage("report", 0, 1)
-    report = configured(render_report, cfg)(cfg_json, version, root, code)
+    report = configured(render_report, cfg)(ref)
     stage("report", 1, 1)
 
     # shards, publishing
     stage("shards", 0, 1)
-    index = configured(write_shards, cfg)(cfg_json, version, root, code)
+    index = configured(write_shards, cfg)(ref)
     stage("shards", 1, 1)
     done(97)
     published = None
     if cfg.publish.enabled and gates["publishable"]:
         stage("publish", 0, 1)
-        published = configured(publish_version, cfg)(cfg_json, version, root)
+        published = configured(publish_version, cfg)(ref)
         stage("publish", 1, 1)
     elif cfg.publish.enabled:
         logger.warning("version %s failed its gates: not published", version)

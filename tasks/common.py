@@ -12,14 +12,10 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from anomaly_factory.config import FactoryConfig
 from tasks.heartbeat import StageCrashed
 
-# A task's cache key has three parts: its source (TASK_SOURCE), the resolved config
-# (``cfg_json``) and the package's code hash (``code``, provenance.code_hash()), with the
-# version and data root (both INPUTS). A change of any part re-runs the task.
+# A task's cache key: its source (TASK_SOURCE) and its inputs (INPUTS), among them the
+# run's RunRef: the resolved config, version, data root and the package's code hash
+# (provenance.code_hash()). A change of any of these re-runs the task.
 CACHE = INPUTS + TASK_SOURCE
-
-
-def config_from(cfg_json: dict[str, Any]) -> FactoryConfig:
-    return FactoryConfig.model_validate(cfg_json)
 
 
 # Errors worth retrying: the network, the file system, a dead worker. A bad value

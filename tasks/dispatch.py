@@ -28,7 +28,8 @@ from prefect.tasks import Task
 from prefect.variables import Variable
 
 from anomaly_factory.config import FactoryConfig
-from tasks.common import CACHE, config_from
+from anomaly_factory.stages import RunRef
+from tasks.common import CACHE
 from tasks.heartbeat import StageCrashed, heartbeat_name
 
 GPU_CONCURRENCY = "gpu"  # global concurrency limit bounding GPU stages in flight
@@ -76,38 +77,21 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
 
 @task(name="gpu-stage", cache_policy=CACHE, persist_result=True)  # retries: configured()
 def dispatch_gpu_stage(
-    cfg_json: dict[str, Any],
-    stage: str,
-    category: str,
-    anomaly_types: list[str],
-    manifest: str,
-    version: str,
-    root: str,
-    code: str,
+    ref: RunRef, stage: str, category: str, anomaly_types: list[str]
 ) -> list[str]:
     """Run one GPU stage for one category, in-process or on the work pool."""
     from flows.gpu_stage import gpu_stage, stage_outputs
 
-    cfg = config_from(cfg_json)
-    params = dict(
-        cfg_json=cfg_json,
-        stage=stage,
-        category=category,
-        anomaly_types=anomaly_types,
-        manifest=manifest,
-        version=version,
-        root=root,
-        code=code,
-    )
-    if cfg.orchestration.dispatch == "local":
+    params = dict(ref=ref, stage=stage, category=category, anomaly_types=anomaly_types)
+    orch = ref.cfg.orchestration
+    if orch.dispatch == "local":
         return gpu_stage(**params)
-    orch = cfg.orchestration
     # A short lease (renewed while held) frees the slot quickly if a failed dispatch
     # leaves it behind, as was seen when a killed worker's run was marked crashed.
     with concurrency(GPU_CONCURRENCY, occupy=1, lease_duration=LEASE_S):
         run = run_deployment(
             orch.gpu_deployment,
-            parameters=params,
+            parameters={**params, "ref": ref.model_dump(mode="json")},
             timeout=0,
             flow_run_name=f"{stage}-{category}",
             tags=["gpu", stage],
@@ -117,7 +101,7 @@ def dispatch_gpu_stage(
             _wait(run.id, orch.heartbeat_timeout_s, orch.start_timeout_s)
         finally:
             Variable.unset(heartbeat_name(run.id))
-    return stage_outputs(cfg, stage, category, anomaly_types, version, root)
+    return stage_outputs(ref, stage, category, anomaly_types)
 
 
 def run_stages(

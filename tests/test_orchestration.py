@@ -126,6 +126,11 @@ def _flow_runs(flow_name: str) -> list:
         return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
 
 
+def _version(run) -> str | None:
+    """The version a GPU stage run worked on (its RunRef parameter)."""
+    return (run.parameters.get("ref") or {}).get("version")
+
+
 def _task_runs(flow_run_id) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -253,9 +258,7 @@ def test_worker_killed_mid_run_is_retried_with_same_outputs(api, deployed, serve
         deadline = time.time() + 600
         while time.time() < deadline and factory.poll() is None:
             running = [
-                r
-                for r in _flow_runs("gpu-stage")
-                if r.parameters.get("version") == "v2" and r.state.is_running()
+                r for r in _flow_runs("gpu-stage") if _version(r) == "v2" and r.state.is_running()
             ]
             if running:
                 break
@@ -284,7 +287,7 @@ def test_worker_killed_mid_run_is_retried_with_same_outputs(api, deployed, serve
     retried = [
         r
         for r in runs.values()
-        if r.parameters.get("version") == "v2" and r.name == killed.name and r.state.is_completed()
+        if _version(r) == "v2" and r.name == killed.name and r.state.is_completed()
     ]
     assert retried, "a new run of the killed stage completed"
     a = _tree_hashes(workdir / "data" / "pairs" / "v1")
@@ -342,7 +345,7 @@ def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_
         finally:
             torch.set_num_threads(before)
 
-    stages = [r for r in _flow_runs("gpu-stage") if r.parameters.get("version") == "par2"]
+    stages = [r for r in _flow_runs("gpu-stage") if _version(r) == "par2"]
     assert sorted(r.parameters["category"] for r in stages) == ["carpet_demo", "nut_demo"]
     assert all(r.state.is_completed() for r in stages)
     assert max(r.start_time for r in stages) < min(r.end_time for r in stages), (
