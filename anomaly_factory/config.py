@@ -916,6 +916,12 @@ class OrchestrationSection(Section):
         "equal share of the CPU cores (several small models train faster side by side than "
         "one on all cores); 1 runs them in order in the flow's process",
     )
+    torch_threads: PositiveInt | None = Field(
+        default=None,
+        description="CPU threads of the generator's trainings and sampling; null: under local "
+        "dispatch the cores divided by local_workers, in every route (the bytes of MAGIC's "
+        "pairs depend on it), else torch's default",
+    )
     gpu_concurrency_limit: PositiveInt = 1
     retries: Annotated[int, Field(ge=0)] = 2
     retry_delay_s: NonNegative = 5

@@ -101,14 +101,16 @@ def prepare(ref: RunRef, category: str, anomaly_type: str) -> Path | None:
     if ref.cfg.generator != "magic":
         return None
     from anomaly_factory.generators.magic.finetune import finetune
+    from anomaly_factory.threads import generation_threads, torch_threads
 
-    return finetune(
-        ref.cfg,
-        ref.layout.manifest,
-        category,
-        anomaly_type,
-        ref.layout.checkpoint(category, anomaly_type),
-    )
+    with torch_threads(generation_threads(ref.cfg)):
+        return finetune(
+            ref.cfg,
+            ref.layout.manifest,
+            category,
+            anomaly_type,
+            ref.layout.checkpoint(category, anomaly_type),
+        )
 
 
 def generate_type(ref: RunRef, category: str, anomaly_type: str, checkpoint: Path | None) -> Path:
@@ -116,21 +118,23 @@ def generate_type(ref: RunRef, category: str, anomaly_type: str, checkpoint: Pat
     from anomaly_factory import progress
     from anomaly_factory.gates.publication import candidates_per_type
     from anomaly_factory.generators.registry import run_generator
+    from anomaly_factory.threads import generation_threads, torch_threads
 
     layout = ref.layout
     unit = f"{category}/{anomaly_type}"
     n = candidates_per_type(ref.cfg)  # n_pairs, plus extras when the gates drop failing pairs
     progress.report(layout.progress, "generate", unit, 0, n)
-    pairs = run_generator(
-        ref.cfg.generator,
-        ref.cfg,
-        layout.manifest,
-        category,
-        anomaly_type,
-        n,
-        layout.pairs_dir(category, anomaly_type),
-        checkpoint=checkpoint,
-    )
+    with torch_threads(generation_threads(ref.cfg)):
+        pairs = run_generator(
+            ref.cfg.generator,
+            ref.cfg,
+            layout.manifest,
+            category,
+            anomaly_type,
+            n,
+            layout.pairs_dir(category, anomaly_type),
+            checkpoint=checkpoint,
+        )
     progress.report(layout.progress, "generate", unit, n, n)
     return Path(pairs)
 

@@ -11,7 +11,6 @@ from the files the dead one finished.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -134,18 +133,9 @@ def local_process_pool(workers: int) -> Iterator[ProcessPoolTaskRunner]:
     """``workers`` processes that report to this flow's Prefect API, sharing the cores."""
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    runner = ProcessPoolTaskRunner(
-        max_workers=workers, initializer=limit_torch_threads, initargs=(threads,)
-    )
+    # each stage sets its torch threads itself (anomaly_factory.threads)
+    runner = ProcessPoolTaskRunner(max_workers=workers)
     # An ephemeral API (no PREFECT_API_URL) would otherwise make each spawned process
     # start a server of its own, and its runs would not show in this one.
     with temporary_settings({PREFECT_API_URL: api_url}), runner:
         yield runner
-
-
-def limit_torch_threads(threads: int) -> None:
-    """A pool process's initializer: its share of the cores for torch's kernels."""
-    import torch
-
-    torch.set_num_threads(threads)

@@ -2,9 +2,10 @@
 
 Both routes call ``anomaly_factory.stages`` on ``RunLayout`` paths; ``dvc.yaml`` is
 written from them (``anomaly-factory dvc-yaml``). The project is cloned, given a small
-config (Perlin, one demo category), its dvc.yaml written again for that config and
-reproduced; the same config is run through the Prefect flow in another folder; then
-every file of the version is compared byte for byte.
+config (MAGIC at test size, one demo category), its dvc.yaml written again for that
+config and reproduced; the same config is run through the Prefect flow in another
+folder; then every file of the version, fine-tuned weights included, is compared byte
+for byte.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tests.test_orchestration import write_config
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = QUICK | PASSING
+# MAGIC at test size (write_config's FAST), one category; gates it passes
+SMALL = {"demo": {"categories": ["nut_demo"]}, "detector": {"enabled": False}} | PASSING
 # a version's files (data/runs holds each route's own logs)
 VERSION_FILES = ("manifests", "checkpoints", "pairs", "reports", "shards")
 # great-expectations names its rendered pages by run id: they differ between any two runs
@@ -78,6 +80,7 @@ def test_dvc_repro_on_a_fresh_clone_writes_the_flows_files(routes):
     clone, flow, version = routes
     by_dvc, by_flow = _files(clone), _files(flow)
     assert f"data/shards/{version}/card.json" in by_flow  # the flow made the whole version
+    assert any(name.startswith("data/checkpoints/tiny/nut_demo/") for name in by_flow)
     assert sorted(by_dvc) == sorted(by_flow)
     differ = [name for name in by_flow if by_dvc[name] != by_flow[name]]
     assert not differ, differ

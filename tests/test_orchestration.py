@@ -319,31 +319,21 @@ def test_failed_gate_exits_nonzero_and_keeps_outputs(api, tmp_path, monkeypatch)
     assert (tmp_path / "data" / "reports" / "bad" / "report.html").exists()
 
 
-def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_path, monkeypatch):
+def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_path):
     """``orchestration.local_workers: 2``: the two categories' GPU stages run at once, in
     two processes reporting to the factory's own Prefect API, and make the same pairs,
     byte for byte, as the same config run one category after another."""
-    import torch
-
-    import tasks.dispatch
-
-    # Both routes on one torch thread per category (a CI box splits more cores).
-    monkeypatch.setattr(tasks.dispatch.os, "sched_getaffinity", lambda pid: {0, 1})
     runs = {}
     for workers in (1, 2):
         root = tmp_path / f"w{workers}"
         root.mkdir()
+        # the same torch threads in both (by default a share of the cores per worker)
         config = write_config(
             root / "pipelines.yaml",
             detector={"enabled": False},
-            orchestration={"local_workers": workers},
+            orchestration={"local_workers": workers, "torch_threads": 1},
         )
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            runs[workers] = _run_factory(root, f"par{workers}", config)
-        finally:
-            torch.set_num_threads(before)
+        runs[workers] = _run_factory(root, f"par{workers}", config)
 
     stages = [r for r in _flow_runs("gpu-stage") if _version(r) == "par2"]
     assert sorted(r.parameters["category"] for r in stages) == ["carpet_demo", "nut_demo"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,20 +33,9 @@ from anomaly_factory.detectors.export import export_category
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.io import atomic_write_json, portable_path, sha256_file
 from anomaly_factory.manifest import read_images, read_pairs
+from anomaly_factory.threads import torch_threads
 
 METRICS_FILE = "detector_metrics.json"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Use ``n`` CPU threads inside (0 keeps torch's setting); restore them after."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def baseline_pairs(
