@@ -50,11 +50,17 @@ class RunLayout:
     def raw_root(self) -> Path:
         return self._abs(self.cfg.datasets.root)
 
+    def category_checkpoints(self, category: str) -> Path:
+        return self._abs(self.cfg.finetune.out_dir) / self.cfg.profile / category
+
     def checkpoint(self, category: str, anomaly_type: str) -> Path:
-        return self._abs(self.cfg.finetune.out_dir) / self.cfg.profile / category / anomaly_type
+        return self.category_checkpoints(category) / anomaly_type
+
+    def category_pairs(self, category: str) -> Path:
+        return self._abs(self.cfg.generate.out_dir) / self.version / category
 
     def pairs_dir(self, category: str, anomaly_type: str) -> Path:
-        return self._abs(self.cfg.generate.out_dir) / self.version / category / anomaly_type
+        return self.category_pairs(category) / anomaly_type
 
     @property
     def pairs(self) -> Path:

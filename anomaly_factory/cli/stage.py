@@ -64,7 +64,7 @@ def stage(
         console.print(f"wrote {stages.merge_pairs(ref)}")
     elif name is Stage.gates:
         decision = stages.gates(ref)
-        failed = sorted(t for t, ok in decision["types"].items() if not ok)
+        failed = _failed(decision)
         console.print(
             f"gates: {len(decision['types']) - len(failed)}/{len(decision['types'])} types pass"
             + (f"; failed: {', '.join(failed) or 'the version'}" if failed else "")
@@ -77,10 +77,16 @@ def stage(
         console.print(f"wrote {stages.shards(ref)}")
         verdict = stages.gate_verdict(ref)
         if not verdict["passed"]:
-            failed = sorted(t for t, ok in verdict["types"].items() if not ok)
-            raise GatesFailed(f"quality gates failed for: {', '.join(failed) or 'the version'}")
+            raise GatesFailed(
+                f"quality gates failed for: {', '.join(_failed(verdict)) or 'the version'}"
+            )
     else:
         console.print(f"published {stages.publish(ref)}")
+
+
+def _failed(decision: dict) -> list[str]:
+    """The types a gate decision (``stages.gates`` / ``gate_verdict``) failed."""
+    return sorted(t for t, ok in decision["types"].items() if not ok)
 
 
 def dvc_yaml(

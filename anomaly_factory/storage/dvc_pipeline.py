@@ -94,7 +94,7 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
     manifest = rel(layout.manifest)
     pairs = rel(layout.pairs)
     reports = layout.reports
-    pair_dirs = [rel(layout.pairs_dir(c, "x").parent) for c in cats]
+    pair_dirs = [rel(layout.category_pairs(c)) for c in cats]
     stages: dict[str, Any] = {
         "ingest": {
             "cmd": cmd("ingest"),
@@ -114,11 +114,11 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
                 "outs": [
                     # MAGIC's per-type fine-tunes (other generators train none per type)
                     *(
-                        [{rel(layout.checkpoint("${item}", "x").parent): {"persist": True}}]
+                        [{rel(layout.category_checkpoints("${item}")): {"persist": True}}]
                         if cfg.generator == "magic"
                         else []
                     ),
-                    {rel(layout.pairs_dir("${item}", "x").parent): {"cache": False}},
+                    {rel(layout.category_pairs("${item}")): {"cache": False}},
                 ],
             },
         },
