@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from anomaly_factory.datasets.formats import FORMATS
 from anomaly_factory.errors import InputError
+from anomaly_factory.generators.registry import GENERATORS
 
 DEFAULT_PROFILE = "tiny"
 CONFIG_ENV = "ANOMALY_FACTORY_CONFIG"
@@ -82,6 +83,7 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------- datasets
 # the names of the dataset formats' registry (datasets/formats.py), as one Literal
 DatasetName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+GeneratorName = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
 
 
 class DatasetSpec(Section):
@@ -950,7 +952,7 @@ class FactoryConfig(Section):
 
     profile: str = DEFAULT_PROFILE
     seed: int = 0
-    generator: Literal["magic", "anomalycontrol", "perlin", "cutpaste"] = "magic"
+    generator: GeneratorName = "magic"
     datasets: DatasetsSection = Field(default_factory=DatasetsSection)
     demo: DemoSection = Field(default_factory=DemoSection)
     split: SplitSection = Field(default_factory=SplitSection)

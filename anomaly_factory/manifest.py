@@ -14,8 +14,11 @@ in (``io.portable_path``), never as this machine's absolute paths.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -39,6 +42,9 @@ IMAGE_COLUMNS: dict[str, str] = {
     "sha256": "string",
 }
 
+# The core columns every generator writes. What only one generator knows (MAGIC's GPP
+# sigma and guidance weights, AnomalyControl's reference, CAMA's record) is in ``params``,
+# a JSON object (``pair_params``), so that a new generator adds no column.
 PAIR_COLUMNS: dict[str, str] = {
     "key": "string",
     "dataset": "string",
@@ -48,13 +54,11 @@ PAIR_COLUMNS: dict[str, str] = {
     "image_path": "string",
     "mask_path": "string",
     "normal_path": "string",
+    "source_path": "string",  # the dataset image the normal was taken from
     "seed": "int64",
-    "sigma": "float64",
-    "w_m": "float64",
-    "w_d": "float64",
-    "steps": "int64",
-    "checkpoint_hash": "string",
     "mask_source": "string",
+    "checkpoint_hash": "string",
+    "params": "string",
 }
 
 
@@ -96,6 +100,13 @@ def validate_pairs(df: pd.DataFrame, where: str = "pairs manifest") -> pd.DataFr
     dotted = df.loc[df["key"].str.contains(".", regex=False), "key"].tolist()
     if dotted:
         raise ManifestError(f"{where}: keys must contain no dots: {dotted[:5]}")
+    for key, params in zip(df["key"], df["params"], strict=True):
+        try:
+            ok = isinstance(json.loads(params), dict)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ManifestError(f"{where}: pair {key}: params {params!r} is not a JSON object")
     return df
 
 
@@ -120,6 +131,15 @@ def write_images(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 
 def read_images(path: str | os.PathLike[str]) -> pd.DataFrame:
     return validate_images(_read(path), str(path))
+
+
+def pair_params(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The generator's own settings of one pair (its ``params`` column, a JSON object).
+
+    >>> pair_params({"params": '{"sigma": 1.0}'})
+    {'sigma': 1.0}
+    """
+    return dict(json.loads(row["params"]))
 
 
 def write_pairs(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

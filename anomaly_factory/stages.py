@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.layout import RunLayout, default_version
 
 # The stages in order, as `anomaly-factory stage` and dvc.yaml name them.
@@ -95,47 +96,51 @@ def category_types(ref: RunRef) -> dict[str, list[str]]:
     return {c: t for c, t in jobs.items() if t}
 
 
+def generation_request(ref: RunRef, category: str, anomaly_type: str) -> GenerationRequest:
+    """What the run asks its generator for one type: the layout's paths, and as many
+    pairs as the gates may need (``n_pairs`` plus extras when they drop failing pairs)."""
+    from anomaly_factory.gates.publication import candidates_per_type
+
+    layout = ref.layout
+    return GenerationRequest(
+        cfg=ref.cfg,
+        manifest=layout.manifest,
+        category=category,
+        anomaly_type=anomaly_type,
+        n_pairs=candidates_per_type(ref.cfg),
+        out_dir=layout.pairs_dir(category, anomaly_type),
+        train_dir=layout.checkpoint(category, anomaly_type),
+    )
+
+
 def prepare(ref: RunRef, category: str, anomaly_type: str) -> Path | None:
-    """Train what the generator needs for one type (MAGIC: its fine-tune; resumes, and
-    returns a finished one as is); None for generators that train nothing per type."""
-    if ref.cfg.generator != "magic":
-        return None
-    from anomaly_factory.generators.magic.finetune import finetune
+    """Train what the generator needs for one type (MAGIC: its fine-tune and mask
+    generator; resumes, and returns a finished one as is); None for generators that
+    train nothing."""
+    from anomaly_factory.generators.registry import prepare_generator
     from anomaly_factory.threads import generation_threads, torch_threads
 
     with torch_threads(generation_threads(ref.cfg)):
-        return finetune(
-            ref.cfg,
-            ref.layout.manifest,
-            category,
-            anomaly_type,
-            ref.layout.checkpoint(category, anomaly_type),
-        )
+        return prepare_generator(ref.cfg.generator, generation_request(ref, category, anomaly_type))
 
 
 def generate_type(ref: RunRef, category: str, anomaly_type: str, checkpoint: Path | None) -> Path:
     """Masks -> CAMA -> generation for one type; resumable. Returns its pairs.parquet."""
     from anomaly_factory import progress
-    from anomaly_factory.gates.publication import candidates_per_type
     from anomaly_factory.generators.registry import run_generator
     from anomaly_factory.threads import generation_threads, torch_threads
 
-    layout = ref.layout
-    unit = f"{category}/{anomaly_type}"
-    n = candidates_per_type(ref.cfg)  # n_pairs, plus extras when the gates drop failing pairs
-    progress.report(layout.progress, "generate", unit, 0, n)
+    request = generation_request(ref, category, anomaly_type).with_checkpoint(checkpoint)
+    unit, n = f"{category}/{anomaly_type}", request.n_pairs
+    folder = ref.layout.progress
+
+    def on_pair(done: int, total: int) -> None:  # what the run's live display shows
+        progress.report(folder, "generate", unit, done, total)
+
+    on_pair(0, n)
     with torch_threads(generation_threads(ref.cfg)):
-        pairs = run_generator(
-            ref.cfg.generator,
-            ref.cfg,
-            layout.manifest,
-            category,
-            anomaly_type,
-            n,
-            layout.pairs_dir(category, anomaly_type),
-            checkpoint=checkpoint,
-        )
-    progress.report(layout.progress, "generate", unit, n, n)
+        pairs = run_generator(ref.cfg.generator, request, on_pair)
+    on_pair(n, n)
     return Path(pairs)
 
 

@@ -96,35 +96,24 @@ def types_of(manifest: Path) -> list[tuple[str, str]]:
 
 def generate(cfg: FactoryConfig, gen: str, manifest: Path, work: Path) -> tuple[Path, float]:
     """Every type's pairs of one generator, merged; and the seconds it took."""
+    from anomaly_factory.generators.base import GenerationRequest
     from anomaly_factory.generators.output import merge_pairs
     from anomaly_factory.generators.registry import get_generator
 
     start = time.perf_counter()
+    generator = get_generator(gen)
     parts = []
     for category, anomaly_type in types_of(manifest):
-        out = work / "pairs" / gen / category / anomaly_type
-        checkpoint = None
-        if gen == "magic":
-            from anomaly_factory.generators.magic.finetune import finetune
-
-            checkpoint = finetune(
-                cfg,
-                manifest,
-                category,
-                anomaly_type,
-                work / "checkpoints" / category / anomaly_type,
-            )
-        parts.append(
-            get_generator(gen)(
-                cfg,
-                manifest,
-                category,
-                anomaly_type,
-                cfg.generate.n_pairs,
-                out,
-                checkpoint=checkpoint,
-            )
+        request = GenerationRequest(
+            cfg,
+            manifest,
+            category,
+            anomaly_type,
+            cfg.generate.n_pairs,
+            work / "pairs" / gen / category / anomaly_type,
+            train_dir=work / "checkpoints" / category / anomaly_type,
         )
+        parts.append(generator.generate(request.with_checkpoint(generator.prepare(request))))
     return merge_pairs(parts, work / "pairs" / gen / "pairs.parquet"), time.perf_counter() - start
 
 

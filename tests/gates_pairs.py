@@ -17,11 +17,12 @@ import pandas as pd
 from anomaly_factory.config import FactoryConfig, load_config
 from anomaly_factory.datasets import demo
 from anomaly_factory.gates.pair_checks import as_trained, dilate
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.magic.foreground import border_color_foreground
-from anomaly_factory.generators.oracle import generate_pairs as oracle_pairs
+from anomaly_factory.generators.oracle import Oracle
 from anomaly_factory.generators.output import merge_pairs, save_pair, write_pairs_manifest
 from anomaly_factory.images import read_mask, read_rgb
-from anomaly_factory.manifest import read_pairs
+from anomaly_factory.manifest import pair_params, read_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY = "nut_demo"  # one object category, two anomaly types
@@ -52,13 +53,15 @@ def build_pairs(
         types = sorted(images.loc[images["category"] == category, "anomaly_type"].unique())
         for anomaly_type in [t for t in types if t != "good"]:
             parts.append(
-                oracle_pairs(
-                    cfg,
-                    manifest_path,
-                    category,
-                    anomaly_type,
-                    per_type,
-                    out_dir / category / anomaly_type,
+                Oracle().generate(
+                    GenerationRequest(
+                        cfg,
+                        manifest_path,
+                        category,
+                        anomaly_type,
+                        per_type,
+                        out_dir / category / anomaly_type,
+                    )
                 )
             )
     return merge_pairs(parts, out_dir / "pairs.parquet")
@@ -184,7 +187,9 @@ def sabotage(name: str, pairs_path: Path, manifest_path: Path, out_dir: Path) ->
         broken = fn(row, pair, rng, images, state)
         if broken is None:
             continue
-        meta = {k: row[k] for k in row.index if not k.endswith("_path") and k != "key"}
+        files = ("key", "image_path", "mask_path", "normal_path")
+        meta = {k: row[k] for k in row.index if k not in files}
+        meta["params"] = pair_params(row)
         meta["generator"] = f"saboteur:{name}"
         save_pair(out_dir, row["key"], *broken, meta)
     return write_pairs_manifest(out_dir)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -25,11 +26,12 @@ from anomaly_factory.generators.anomalycontrol.train import (
     train_adapter,
     training_references,
 )
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.composite import blurred_mask_alpha
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.images import read_mask, read_rgb
 from anomaly_factory.io import save_png
-from anomaly_factory.manifest import read_images, read_pairs
+from anomaly_factory.manifest import pair_params, read_images, read_pairs
 
 from .blip2_checkpoints import save_generation
 from .conftest import REPO
@@ -73,7 +75,7 @@ def test_adapter_checkpoint(checkpoint, cfg) -> None:
 
 
 def test_generate_pairs_with_non_matching_reference(cfg, demo_manifest_path, checkpoint, tmp_path):
-    generate = get_generator("anomalycontrol")
+    generate = _run
     out = tmp_path / "pairs"
     kwargs = dict(
         checkpoint=checkpoint,
@@ -83,14 +85,17 @@ def test_generate_pairs_with_non_matching_reference(cfg, demo_manifest_path, che
     )
     path = generate(cfg, demo_manifest_path, "carpet_demo", "cut", 3, out, **kwargs)
     df = read_pairs(path)
+    params = _params(df)
     assert len(df) == 3 and set(df["generator"]) == {"anomalycontrol"}
     assert set(df["category"]) == {"carpet_demo"} and set(df["anomaly_type"]) == {"cut"}
-    assert set(df["reference_category"]) == {"tile_demo"}
-    assert set(df["reference_type"]) == {"crack"}
-    assert set(df["reference_text"]) == {"a photo of a deep cut"}
-    assert set(df["target_prompt"]) == {"a photo of a deep cut"}  # no --prompt: the public code's
-    assert all("/tile_demo/" in p for p in df["reference_image"])
-    assert set(df["strength"]) == {cfg.anomalycontrol.strength}
+    assert set(params["reference_category"]) == {"tile_demo"}
+    assert set(params["reference_type"]) == {"crack"}
+    assert set(params["reference_text"]) == {"a photo of a deep cut"}
+    assert set(params["target_prompt"]) == {
+        "a photo of a deep cut"
+    }  # no --prompt: the public code's
+    assert all("/tile_demo/" in p for p in params["reference_image"])
+    assert set(params["strength"]) == {cfg.anomalycontrol.strength}
     res = cfg.model.resolution
     for row in df.itertuples():
         image = np.asarray(Image.open(row.image_path))
@@ -98,7 +103,7 @@ def test_generate_pairs_with_non_matching_reference(cfg, demo_manifest_path, che
         normal = np.asarray(Image.open(row.normal_path))
         assert image.shape == normal.shape == (res, res, 3)
         assert mask.shape == (res, res) and set(np.unique(mask)) <= {0, 255} and mask.any()
-    assert (df["asea_mass_after"] > df["asea_mass_before"]).all()
+    assert (params["asea_mass_after"] > params["asea_mass_before"]).all()
 
     # a re-run finds every pair done and rebuilds the same manifest
     before = path.read_bytes()
@@ -114,9 +119,7 @@ def test_checkpoint_with_other_token_count_is_rejected(
     other = cfg.model_copy(deep=True)
     other.anomalycontrol.n_tokens = 2
     with pytest.raises(ValueError, match="n_tokens"):
-        get_generator("anomalycontrol")(
-            other, demo_manifest_path, "carpet_demo", "cut", 1, tmp_path, checkpoint=checkpoint
-        )
+        _run(other, demo_manifest_path, "carpet_demo", "cut", 1, tmp_path, checkpoint=checkpoint)
 
 
 def test_condition_drop_rates() -> None:
@@ -157,10 +160,21 @@ def test_interrupted_training_resumes_to_the_same_weights(
 
 
 # --------------------------------------------------------------------------- helpers
-def _generate(cfg, manifest, out, n=2, category="carpet_demo", anomaly_type="cut", **kwargs):
-    return read_pairs(
-        get_generator("anomalycontrol")(cfg, manifest, category, anomaly_type, n, out, **kwargs)
+def _run(cfg, manifest, category, anomaly_type, n, out, checkpoint=None, **options) -> Path:
+    """AnomalyControl's pairs of one request; ``options``: the reference of the call."""
+    request = GenerationRequest(
+        cfg, manifest, category, anomaly_type, n, out, checkpoint, options=options
     )
+    return get_generator("anomalycontrol").generate(request)
+
+
+def _params(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The generator's own columns of each pair (its params JSON), as a table."""
+    return pd.DataFrame([pair_params(row) for row in pairs.to_dict("records")])
+
+
+def _generate(cfg, manifest, out, n=2, category="carpet_demo", anomaly_type="cut", **kwargs):
+    return read_pairs(_run(cfg, manifest, category, anomaly_type, n, out, **kwargs))
 
 
 def _pair(row):
@@ -183,7 +197,7 @@ def test_output_is_the_normal_image_outside_the_dilated_mask(
     assert cfg.anomalycontrol.composite.method == "paste_back"
     assert cfg.anomalycontrol.composite.feather_px + 1 <= dilation
     pasted = _generate(cfg, demo_manifest_path, tmp_path / "paste", checkpoint=checkpoint)
-    assert set(pasted["composite"]) == {"paste_back"}
+    assert set(_params(pasted)["composite"]) == {"paste_back"}
     for row in pasted.itertuples():
         image, mask, normal = _pair(row)
         outside = outside_region(mask, dilation)
@@ -274,12 +288,14 @@ def test_cross_category_transfer_records_both_prompts_and_the_reference_files(
     texts = dict(reference_text="a thin dark crack in a tile", prompt="a cut in a carpet")
     base = _generate(cfg, demo_manifest_path, tmp_path / "a", n=1, **kwargs, **texts)
     row = base.iloc[0]
-    assert row["reference_text"] == texts["reference_text"]
-    assert row["target_prompt"] == texts["prompt"]
-    assert (row["reference_image"], row["reference_mask"]) == (str(image), str(mask))
-    assert (row["reference_category"], row["reference_type"]) == ("tile_demo", "crack")
+    params = pair_params(row)
+    assert params["reference_text"] == texts["reference_text"]
+    assert params["target_prompt"] == texts["prompt"]
+    assert (params["reference_image"], params["reference_mask"]) == (str(image), str(mask))
+    assert (params["reference_category"], params["reference_type"]) == ("tile_demo", "crack")
     assert (row["category"], row["anomaly_type"]) == ("carpet_demo", "cut")
-    assert row["reference_text_source"] == "given" and row["blip2_features"] == "multimodal"
+    assert params["reference_text_source"] == "given"
+    assert params["blip2_features"] == "multimodal"
 
     other_prompt = dict(texts, prompt="a hole in a rug")
     other_text = dict(texts, reference_text="a broken corner")
@@ -302,11 +318,10 @@ def test_bad_reference_and_mask_inputs_name_the_flag_and_the_file(
     cfg, demo_manifest_path, elsewhere, tmp_path
 ) -> None:
     image, mask = elsewhere
-    generate = get_generator("anomalycontrol")
 
     def error(**kwargs) -> str:
         with pytest.raises(ValueError) as err:
-            generate(cfg, demo_manifest_path, "carpet_demo", "cut", 1, tmp_path / "x", **kwargs)
+            _run(cfg, demo_manifest_path, "carpet_demo", "cut", 1, tmp_path / "x", **kwargs)
         return str(err.value)
 
     missing = tmp_path / "missing.png"
@@ -395,7 +410,7 @@ def test_generation_checkpoint_gives_image_only_features_on_record(
     opt.anomalycontrol.adapter.steps = 1
     opt.anomalycontrol.out_dir = tmp_path / "adapters"
     pairs = _generate(opt, demo_manifest_path, tmp_path / "pairs", n=1)
-    assert set(pairs["blip2_features"]) == {"image_only"}
+    assert set(_params(pairs)["blip2_features"]) == {"image_only"}
     (folder,) = (tmp_path / "adapters").iterdir()
     meta = json.loads((folder / META_FILE).read_text())
     assert meta["blip2_features"] == "image_only"
@@ -417,7 +432,7 @@ def test_generation_loads_four_token_adapters_with_load_ip_adapter(
 
     monkeypatch.setattr(StableDiffusionInpaintPipeline, "load_ip_adapter", spy)
     pairs = _generate(cfg, demo_manifest_path, tmp_path, n=1, checkpoint=checkpoint)
-    assert loaded == [ADAPTER_FILE] and set(pairs["adapter_loader"]) == {"load_ip_adapter"}
+    assert loaded == [ADAPTER_FILE] and set(_params(pairs)["adapter_loader"]) == {"load_ip_adapter"}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -458,8 +473,9 @@ def test_generate_cli_takes_prompt_reference_files_and_masks(
     )
     assert res.exit_code == 0, res.output
     row = read_pairs(tmp_path / "out" / "pairs.parquet").iloc[0]
-    assert (row["reference_text"], row["target_prompt"]) == ("a crack", "a cut")
-    assert (row["reference_image"], row["mask_source"]) == (str(image), "folder")
+    params = pair_params(row)
+    assert (params["reference_text"], params["target_prompt"]) == ("a crack", "a cut")
+    assert (params["reference_image"], row["mask_source"]) == (str(image), "folder")
     bad = runner.invoke(
         app,
         [

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.output import PAIRS_FILE
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.manifest import PAIR_COLUMNS, read_pairs, select
@@ -21,7 +22,7 @@ def _png(path) -> np.ndarray:
 def generated(request, tmp_path_factory, tiny_config, demo_manifest_path):
     out = tmp_path_factory.mktemp(request.param)
     gen = get_generator(request.param)
-    path = gen(tiny_config, demo_manifest_path, CATEGORY, TYPE, 3, out)
+    path = gen.generate(GenerationRequest(tiny_config, demo_manifest_path, CATEGORY, TYPE, 3, out))
     return request.param, out, path
 
 
@@ -31,7 +32,7 @@ def test_writes_the_common_pairs_format(generated, tiny_config, demo_manifest):
     pairs = read_pairs(path)
     assert len(pairs) == 3 and set(PAIR_COLUMNS) <= set(pairs.columns)
     assert set(pairs["generator"]) == {name} and set(pairs["anomaly_type"]) == {TYPE}
-    assert set(pairs["checkpoint_hash"]) == {"none"} and set(pairs["steps"]) == {0}
+    assert set(pairs["checkpoint_hash"]) == {"none"} and set(pairs["params"]) == {"{}"}
     train = set(select(demo_manifest, CATEGORY, "good", "train")["image_path"])
     assert set(pairs["source_path"]) <= train  # backgrounds come from train normals only
     size = tiny_config.model.resolution
@@ -50,14 +51,20 @@ def test_seeded_and_resumable(generated, tiny_config, demo_manifest_path, tmp_pa
     gen = get_generator(name)
     # interrupted run: a copy with one pair missing is completed to the same bytes
     again = tmp_path / "again"
-    gen(tiny_config, demo_manifest_path, CATEGORY, TYPE, 2, again)
-    resumed = read_pairs(gen(tiny_config, demo_manifest_path, CATEGORY, TYPE, 3, again))
+    gen.generate(GenerationRequest(tiny_config, demo_manifest_path, CATEGORY, TYPE, 2, again))
+    resumed = read_pairs(
+        gen.generate(GenerationRequest(tiny_config, demo_manifest_path, CATEGORY, TYPE, 3, again))
+    )
     assert resumed["key"].tolist() == first["key"].tolist()
     for a, b in zip(first["image_path"], resumed["image_path"], strict=True):
         np.testing.assert_array_equal(_png(a), _png(b))
     other = tiny_config.model_copy(deep=True)
     other.generate.seed = 1
-    changed = read_pairs(gen(other, demo_manifest_path, CATEGORY, TYPE, 3, tmp_path / "seed1"))
+    changed = read_pairs(
+        gen.generate(
+            GenerationRequest(other, demo_manifest_path, CATEGORY, TYPE, 3, tmp_path / "seed1")
+        )
+    )
     assert any(
         not np.array_equal(_png(a), _png(b))
         for a, b in zip(first["image_path"], changed["image_path"], strict=True)
@@ -66,4 +73,6 @@ def test_seeded_and_resumable(generated, tiny_config, demo_manifest_path, tmp_pa
 
 def test_unknown_category_is_a_clear_error(tiny_config, demo_manifest_path, tmp_path):
     with pytest.raises(ValueError, match="no train normals for category 'nope'"):
-        get_generator("cutpaste")(tiny_config, demo_manifest_path, "nope", TYPE, 1, tmp_path)
+        get_generator("cutpaste").generate(
+            GenerationRequest(tiny_config, demo_manifest_path, "nope", TYPE, 1, tmp_path)
+        )

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from anomaly_factory import io as af_io
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.registry import run_generator
 from anomaly_factory.io import sha256_file
 from anomaly_factory.storage.card import read_card
@@ -165,7 +166,8 @@ def test_generate_killed_at_every_kind_of_boundary(tiny_config, demo_manifest_pa
     out = tmp_path / "pairs"
 
     def stage() -> object:
-        return run_generator("cutpaste", cfg, demo_manifest_path, "nut_demo", "rust", 3, out)
+        request = GenerationRequest(cfg, demo_manifest_path, "nut_demo", "rust", 3, out)
+        return run_generator("cutpaste", request)
 
     stage()
     reference = tree(out)

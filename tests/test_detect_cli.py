@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from anomaly_factory.cli import app
 from anomaly_factory.config import read_config_file
 from anomaly_factory.detectors.evaluate import LOCALIZATION_METRICS
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.registry import get_generator
 
 CATEGORY = "tile_demo"
@@ -34,8 +35,10 @@ def quick_config(tmp_path_factory):
 def detected(tmp_path_factory, tiny_config, demo_manifest_path, quick_config):
     root = tmp_path_factory.mktemp("detect")
     for anomaly_type in ("crack", "missing"):
-        get_generator("cutpaste")(
-            tiny_config, demo_manifest_path, CATEGORY, anomaly_type, 2, root / "pairs"
+        get_generator("cutpaste").generate(
+            GenerationRequest(
+                tiny_config, demo_manifest_path, CATEGORY, anomaly_type, 2, root / "pairs"
+            )
         )
     # relative paths, as `dvc repro` passes them (anomalib reports absolute ones)
     args = ["detect", "--pairs", "pairs/pairs.parquet"]
@@ -100,8 +103,8 @@ def test_categories_detected_side_by_side_give_the_same_rows(
     parts = []
     for category, anomaly_type in (("tile_demo", "crack"), ("nut_demo", "scratch")):
         folder = tmp_path / "pairs" / category
-        get_generator("cutpaste")(
-            tiny_config, demo_manifest_path, category, anomaly_type, 2, folder
+        get_generator("cutpaste").generate(
+            GenerationRequest(tiny_config, demo_manifest_path, category, anomaly_type, 2, folder)
         )
         parts.append(folder / "pairs.parquet")
     pairs = merge_pairs(parts, tmp_path / "pairs.parquet")

@@ -7,6 +7,7 @@ import pytest
 
 from anomaly_factory.detectors.data import LeakError
 from anomaly_factory.detectors.export import export_category
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.io import sha256_file
 from anomaly_factory.manifest import read_pairs, select
@@ -18,7 +19,9 @@ CATEGORY = "nut_demo"
 def pairs(tmp_path_factory, tiny_config, demo_manifest_path):
     out = tmp_path_factory.mktemp("pairs")
     for anomaly_type in ("rust", "scratch"):
-        get_generator("cutpaste")(tiny_config, demo_manifest_path, CATEGORY, anomaly_type, 2, out)
+        get_generator("cutpaste").generate(
+            GenerationRequest(tiny_config, demo_manifest_path, CATEGORY, anomaly_type, 2, out)
+        )
     return read_pairs(out / "pairs.parquet")
 
 

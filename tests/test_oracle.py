@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from anomaly_factory.datasets import demo
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.oracle import demo_foreground
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.images import read_mask, read_rgb
@@ -18,7 +19,9 @@ from tests.gates_pairs import tiny_config
 def oracle_pairs(demo_manifest_path, tmp_path_factory) -> pd.DataFrame:
     generate = get_generator("oracle")
     out = tmp_path_factory.mktemp("oracle")
-    path = generate(tiny_config(), demo_manifest_path, "nut_demo", "rust", 5, out)
+    path = generate.generate(
+        GenerationRequest(tiny_config(), demo_manifest_path, "nut_demo", "rust", 5, out)
+    )
     return read_pairs(path)
 
 
@@ -46,13 +49,25 @@ def test_oracle_is_deterministic_and_only_for_the_demo(
     oracle_pairs, demo_manifest_path, tmp_path
 ) -> None:
     generate = get_generator("oracle")
-    again = read_pairs(generate(tiny_config(), demo_manifest_path, "nut_demo", "rust", 5, tmp_path))
+    again = read_pairs(
+        generate.generate(
+            GenerationRequest(tiny_config(), demo_manifest_path, "nut_demo", "rust", 5, tmp_path)
+        )
+    )
     for a, b in zip(oracle_pairs.itertuples(), again.itertuples(), strict=True):
         assert np.array_equal(read_rgb(a.image_path), read_rgb(b.image_path))
     with pytest.raises(ValueError, match="only for the demo"):
-        generate(tiny_config(), demo_manifest_path, "screw", "scratch", 1, tmp_path / "x")
+        generate.generate(
+            GenerationRequest(
+                tiny_config(), demo_manifest_path, "screw", "scratch", 1, tmp_path / "x"
+            )
+        )
     with pytest.raises(ValueError, match="no anomaly type 'stain'"):
-        generate(tiny_config(), demo_manifest_path, "nut_demo", "stain", 1, tmp_path / "y")
+        generate.generate(
+            GenerationRequest(
+                tiny_config(), demo_manifest_path, "nut_demo", "stain", 1, tmp_path / "y"
+            )
+        )
 
 
 def test_demo_foreground_is_refused_for_images_that_are_not_the_render(tmp_path) -> None:

@@ -151,7 +151,7 @@ def test_placement_is_checked_for_objects_only_and_says_why_not() -> None:
 # --------------------------------------------------------------------------- table
 def _pair(tmp_path, i, image, mask, normal, category="nut_demo", kind="rust"):
     key = pair_key("demo", category, kind, i)
-    meta = pair_metadata("demo", category, kind, "test", i, "test")
+    meta = pair_metadata("demo", category, kind, "test", i, "test", "normal.png")
     return save_pair(tmp_path, key, image, mask, normal, meta)
 
 

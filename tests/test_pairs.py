@@ -14,7 +14,7 @@ from PIL import Image
 from anomaly_factory.config import load_config
 from anomaly_factory.generators.magic.pairs import generate_pairs
 from anomaly_factory.io import save_png
-from anomaly_factory.manifest import PAIR_COLUMNS, read_images, read_pairs, select
+from anomaly_factory.manifest import PAIR_COLUMNS, pair_params, read_images, read_pairs, select
 
 pytestmark = pytest.mark.slow
 
@@ -80,15 +80,20 @@ def test_pairs_outputs_and_resume(cfg, demo_manifest_path, workdir):
     assert list(df["key"]) == sorted(df["key"]) and len(df) == 3
     assert set(PAIR_COLUMNS) <= set(df.columns)
     row = df.iloc[0]
+    params = [pair_params(r) for r in df.to_dict("records")]
     assert (row["category"], row["anomaly_type"], row["generator"]) == (CATEGORY, TYPE, "magic")
-    assert (row["w_m"], row["w_d"], row["steps"], row["sigma"]) == (4.0, 7.5, 3, 1.0)
+    assert [params[0][k] for k in ("w_m", "w_d", "steps", "sigma")] == [4.0, 7.5, 3, 1.0]
     assert row["mask_source"] == "folder" and row["checkpoint_hash"].startswith("base-")
-    assert row["cama_status"] == "disabled"
-    # the reference mask and the GPP of the weights travel with every pair
-    fewshot = select(read_images(demo_manifest_path), CATEGORY, TYPE, "fewshot")
-    assert set(df["reference_mask_source"]) <= set(fewshot["mask_path"])
-    assert (df["train_gpp_target"] == "none").all() and df["train_sigma"].isna().all()
-    assert (df["gpp_target"] == "anomaly_token").all() and (df["latent_mask"] == "coverage").all()
+    assert params[0]["cama_status"] == "disabled"
+    # the normal comes from the train split; the reference mask and the GPP of the
+    # weights travel with every pair
+    images = read_images(demo_manifest_path)
+    assert set(df["source_path"]) <= set(select(images, CATEGORY, "good", "train")["image_path"])
+    fewshot = select(images, CATEGORY, TYPE, "fewshot")
+    assert {p["reference_mask_source"] for p in params} <= set(fewshot["mask_path"])
+    assert all(p["train_gpp_target"] == "none" and p["train_sigma"] is None for p in params)
+    assert all(p["gpp_target"] == "anomaly_token" for p in params)
+    assert all(p["latent_mask"] == "coverage" for p in params)
     assert df["seed"].nunique() == 3
     for col in ("image_path", "mask_path", "normal_path"):
         for p in df[col]:
@@ -176,9 +181,9 @@ def test_generate_cli(cfg, demo_manifest_path, workdir, overrides):
         str(out),
         "--config",
         str(config),
-        "--reference-text",
-        "ignored by magic",
     ]
+    misrouted = runner.invoke(app, [*args, "--reference-text", "a deep cut"])
+    assert misrouted.exit_code == 2 and "--reference-text" in misrouted.output  # not ignored
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert len(pd.read_parquet(out / "pairs.parquet")) == 2

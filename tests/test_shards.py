@@ -46,6 +46,7 @@ def make_pairs(manifest: pd.DataFrame, out_dir: Path, per_type: int = 2, n_cats:
                     "test",
                     i,
                     "real",
+                    normal_path,
                     sigma=1.0,
                     w_m=4.0,
                     w_d=7.5,
@@ -104,6 +105,8 @@ def test_shards_hold_the_pair_files_byte_for_byte(
         meta = json.loads(members[f"{row.key}.json"])
         assert meta["anomaly_type"] == row.anomaly_type and meta["split"] in ("train", "val")
         assert "image_path" not in meta
+        assert meta["params"] == json.loads(row.params)  # the generator's own, as an object
+        assert meta["params"]["w_m"] == 4.0
     first = pairs.iloc[0]
     cat_dir = tmp_path / "v1" / first["dataset"] / first["category"]
     assert (cat_dir / "shard-000000.tar").is_file() and (cat_dir / "index.json").is_file()

@@ -22,7 +22,10 @@ def generate(
         int | None, typer.Option("--n-pairs", help="Pairs to generate; default generate.n_pairs")
     ] = None,
     generator: Annotated[
-        str | None, typer.Option(help="magic | anomalycontrol | perlin | cutpaste; default: config")
+        str | None,
+        typer.Option(
+            help="magic | anomalycontrol | perlin | cutpaste | oracle (demo only); default: config"
+        ),
     ] = None,
     reference_text: Annotated[
         str | None,
@@ -67,8 +70,8 @@ def generate(
     from rich.markup import escape
     from rich.progress import Progress
 
-    from anomaly_factory.generators.registry import get_generator, run_generator
-    from anomaly_factory.manifest import ManifestError
+    from anomaly_factory.generators.base import GenerationRequest
+    from anomaly_factory.generators.registry import get_generator, prepare_generator, run_generator
 
     cfg = get_config(config, profile)
     name = generator or cfg.generator
@@ -79,35 +82,31 @@ def generate(
         raise fail(f"--checkpoint: {checkpoint} is not a folder")
     try:
         get_generator(name)
-    except (ValueError, ImportError) as exc:
+    except ImportError as exc:
         raise fail(f"--generator: {exc}") from None
+    options = {
+        "reference_text": reference_text,
+        "reference_category": reference_category,
+        "reference_type": reference_type,
+        "prompt": prompt,
+        "reference_image": reference_image,
+        "reference_mask": reference_mask,
+        "masks": masks,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and name != "anomalycontrol":
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise fail(f"{flags}: AnomalyControl's options; generator {name!r} has no use for them")
+    request = GenerationRequest(
+        cfg, manifest, category, anomaly_type, n, out, checkpoint, options=options
+    )
     progress = Progress(console=console, transient=True)
     task = progress.add_task(escape(f"{name} {category}/{anomaly_type}"), total=n)
-    kwargs = {}
-    if name == "magic":  # the registry signature has no progress hook; MAGIC's has one
-        kwargs["on_pair"] = lambda done, total: progress.update(task, completed=done)
-    try:
-        with progress:
-            path = run_generator(
-                name,
-                cfg,
-                manifest,
-                category,
-                anomaly_type,
-                n,
-                out,
-                checkpoint,
-                reference_text=reference_text,
-                reference_category=reference_category,
-                reference_type=reference_type,
-                prompt=prompt,
-                reference_image=reference_image,
-                reference_mask=reference_mask,
-                masks=masks,
-                **kwargs,
-            )
-    except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise fail(exc) from None
+    with progress:  # prepare: the training the generator needs (cached), e.g. MAGIC's masks
+        request = request.with_checkpoint(prepare_generator(name, request))
+        path = run_generator(
+            name, request, on_pair=lambda done, total: progress.update(task, completed=done)
+        )
     console.print(f"wrote {path}")
 
 

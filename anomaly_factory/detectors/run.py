@@ -30,6 +30,7 @@ from anomaly_factory.detectors.compare import (
 from anomaly_factory.detectors.data import assert_split_integrity, train_normals
 from anomaly_factory.detectors.evaluate import LOCALIZATION_METRICS
 from anomaly_factory.detectors.export import export_category
+from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.io import atomic_write_json, portable_path, sha256_file
 from anomaly_factory.manifest import read_images, read_pairs
@@ -47,10 +48,10 @@ def baseline_pairs(
     out_dir: Path,
 ) -> PairSet:
     """Generate (or resume) a baseline's pairs with the same count per type as the given."""
-    generate = get_generator(name)
+    generator = get_generator(name)
     path = out_dir / "baselines" / name / category  # one writer per folder (workers)
     for anomaly_type, n in sorted(counts.items()):
-        generate(cfg, manifest_path, category, anomaly_type, n, path)
+        generator.generate(GenerationRequest(cfg, manifest_path, category, anomaly_type, n, path))
     pairs_path = path / "pairs.parquet"
     pairs = read_pairs(pairs_path)
     keep = (pairs["category"] == category) & pairs["anomaly_type"].isin(list(counts))

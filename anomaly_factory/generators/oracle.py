@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from anomaly_factory.config import FactoryConfig
 from anomaly_factory.datasets import demo
+from anomaly_factory.errors import InputError
+from anomaly_factory.generators.base import GenerationRequest, ProgressFn, Untrained
 from anomaly_factory.generators.baselines.common import Synthesize, generate_baseline_pairs
 from anomaly_factory.images import read_rgb
 
@@ -79,7 +80,7 @@ def native_size(manifest_path: Path, category: str) -> int:
     rows = select(read_images(manifest_path), category, GOOD, "train")
     sizes = set(zip(rows["width"], rows["height"], strict=True))
     if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
-        raise ValueError(
+        raise InputError(
             f"generator oracle: {category} train normals are not square images of one size "
             f"({sorted(sizes)[:3]}); not the demo dataset?"
         )
@@ -101,43 +102,46 @@ def oracle_anomaly(
     raise RuntimeError(f"oracle {category}/{anomaly_type}: could not place a defect")
 
 
-def generate_pairs(
-    cfg: FactoryConfig,
-    manifest_path: Path,
-    category: str,
-    anomaly_type: str,
-    n_pairs: int,
-    out_dir: Path,
-    checkpoint: Path | None = None,
-    **reference_options: object,
-) -> Path:
-    """Write ``n_pairs`` oracle pairs of a demo (category, type); returns ``pairs.parquet``.
+class Oracle(Untrained):
+    """The demo renderer's true defects: the ceiling the gates are calibrated on."""
 
-    ``checkpoint`` and the reference options are accepted for the common signature and
-    ignored: the oracle learns nothing.
-    """
-    del checkpoint, reference_options
-    if category not in demo.ANOMALY_TYPES:
-        raise ValueError(
-            f"generator oracle: {category!r} is not a demo category "
-            f"({sorted(demo.ANOMALY_TYPES)}); the oracle exists only for the demo dataset"
-        )
-    if anomaly_type not in demo.ANOMALY_TYPES[category]:
-        raise ValueError(
-            f"generator oracle: {category} has no anomaly type {anomaly_type!r} "
-            f"(known: {demo.ANOMALY_TYPES[category]})"
-        )
+    name = GENERATOR
 
-    def make(manifest: pd.DataFrame, normals: pd.DataFrame) -> Synthesize:
-        del manifest
-        masks = foregrounds(cfg.demo.seed, category, normals)
-        return lambda normal, rng, seed: oracle_anomaly(
-            category, anomaly_type, normal, masks[_digest(normal)], rng
-        )
+    def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
+        """Write ``request.n_pairs`` pairs labelled ``request.anomaly_type``; returns
+        ``pairs.parquet``."""
+        cfg, manifest_path, out_dir = request.cfg, request.manifest, request.out_dir
+        category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
+        if category not in demo.ANOMALY_TYPES:
+            raise InputError(
+                f"generator oracle: {category!r} is not a demo category "
+                f"({sorted(demo.ANOMALY_TYPES)}); the oracle exists only for the demo dataset"
+            )
+        if anomaly_type not in demo.ANOMALY_TYPES[category]:
+            raise InputError(
+                f"generator oracle: {category} has no anomaly type {anomaly_type!r} "
+                f"(known: {demo.ANOMALY_TYPES[category]})"
+            )
 
-    # the shared loop resizes normals to model.resolution: make that the native size
-    native = cfg.model_copy(deep=True)
-    native.model.resolution = native_size(Path(manifest_path), category)
-    return generate_baseline_pairs(
-        native, manifest_path, category, anomaly_type, n_pairs, out_dir, GENERATOR, "oracle", make
-    )
+        def make(manifest: pd.DataFrame, normals: pd.DataFrame) -> Synthesize:
+            del manifest
+            masks = foregrounds(cfg.demo.seed, category, normals)
+            return lambda normal, rng, seed: oracle_anomaly(
+                category, anomaly_type, normal, masks[_digest(normal)], rng
+            )
+
+        # the shared loop resizes normals to model.resolution: make that the native size
+        native = cfg.model_copy(deep=True)
+        native.model.resolution = native_size(Path(manifest_path), category)
+        return generate_baseline_pairs(
+            native,
+            manifest_path,
+            category,
+            anomaly_type,
+            n_pairs,
+            out_dir,
+            GENERATOR,
+            "oracle",
+            make,
+            on_pair,
+        )

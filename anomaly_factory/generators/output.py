@@ -11,6 +11,7 @@ one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +39,33 @@ def pair_metadata(
     generator: str,
     seed: int,
     mask_source: str,
+    source_path: str,
     *,
-    sigma: float = 0.0,
-    w_m: float = 0.0,
-    w_d: float = 0.0,
-    steps: int = 0,
     checkpoint_hash: str = "none",
-    **extra: Any,
+    **params: Any,
 ) -> dict[str, Any]:
-    """The non-path PAIR_COLUMNS of one pair; the defaults say "no diffusion sampling"."""
+    """The non-file PAIR_COLUMNS of one pair: the core ones, and ``params``, the generator's
+    own settings and records (JSON values), e.g. MAGIC's ``sigma``, ``w_m``, ``w_d``.
+
+    ``source_path`` is the dataset image the normal was taken from (the detectors check
+    that no test image became a pair); ``checkpoint_hash`` "none" says "nothing trained".
+    A NaN param is stored as null (JSON has no NaN).
+    """
+    params = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in params.items()}
     return {
         "dataset": dataset,
         "category": category,
         "anomaly_type": anomaly_type,
         "generator": generator,
         "seed": seed,
-        "sigma": sigma,
-        "w_m": w_m,
-        "w_d": w_d,
-        "steps": steps,
-        "checkpoint_hash": checkpoint_hash,
         "mask_source": mask_source,
-        **extra,
+        "source_path": portable_path(source_path),
+        "checkpoint_hash": checkpoint_hash,
+        "params": params,
     }
 
 
-def reference_metadata(
+def reference_params(
     *,
     reference_text: str,
     target_prompt: str,
@@ -72,7 +74,7 @@ def reference_metadata(
     reference_category: str,
     reference_type: str,
 ) -> dict[str, Any]:
-    """The columns of a pair generated from a reference (AnomalyControl's cross-modal
+    """The params of a pair generated from a reference (AnomalyControl's cross-modal
     reference), to pass to :func:`pair_metadata` beside its own.
 
     ``reference_text`` is the text given to the vision-language model with the
@@ -108,7 +110,7 @@ def save_pair(
     """Write one pair's files and its record (last). Returns the manifest row.
 
     ``mask`` may be bool or uint8; it is saved as 0/255 single-channel PNG.
-    ``metadata`` must hold the non-path PAIR_COLUMNS (seed, sigma, w_m, ...).
+    ``metadata`` is :func:`pair_metadata`'s; the record keeps ``params`` as an object.
     """
     out_dir = Path(out_dir)
     mask_u8 = (np.asarray(mask) > 0).astype(np.uint8) * 255
@@ -119,8 +121,8 @@ def save_pair(
     row["mask_path"] = portable_path(save_png(out_dir / "masks" / f"{key}.png", mask_u8))
     row["normal_path"] = portable_path(save_png(out_dir / "normals" / f"{key}.png", normal))
     missing = [c for c in PAIR_COLUMNS if c not in row]
-    if missing:
-        raise ValueError(f"pair {key}: metadata lacks {missing}")
+    if missing or not isinstance(row["params"], dict):
+        raise InputError(f"pair {key}: metadata lacks {missing or ['params as a dict']}")
     atomic_write_json(record_path(out_dir, key), row)
     return row
 
@@ -154,6 +156,8 @@ def collect_pairs(out_dir: Path) -> pd.DataFrame:
     rows = [json.loads(p.read_text()) for p in sorted((Path(out_dir) / "records").glob("*.json"))]
     if not rows:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in PAIR_COLUMNS.items()})
+    for row in rows:  # the manifest's params column: one JSON text per pair
+        row["params"] = json.dumps(row["params"], sort_keys=True)
     return pd.DataFrame(rows).sort_values("key").reset_index(drop=True)
 
 
@@ -168,6 +172,6 @@ def merge_pairs(parts: list[Path], out_path: Path) -> Path:
 
     frames = [read_pairs(p) for p in parts]
     if not frames:
-        raise ValueError(f"{out_path}: no pairs manifests to merge")
+        raise InputError(f"{out_path}: no pairs manifests to merge")
     merged = pd.concat(frames, ignore_index=True).sort_values("key").reset_index(drop=True)
     return write_pairs(merged, out_path)

@@ -93,12 +93,15 @@ def _resolve(path: str, bases: Sequence[Path]) -> Path:
 
 
 def pair_sample(row: dict[str, Any], bases: Sequence[Path], val_fraction: float) -> dict[str, Any]:
-    """One webdataset sample: the pair's PNG bytes untouched plus its metadata as JSON."""
+    """One webdataset sample: the pair's PNG bytes untouched plus its metadata as JSON
+    (the generator's ``params`` as an object within it, not as text)."""
     key = str(row["key"])
     sample: dict[str, Any] = {"__key__": key}
     for column, ext in FILE_FIELDS.items():
         sample[ext] = _resolve(str(row[column]), bases).read_bytes()
     meta = {k: _plain(v) for k, v in row.items() if k not in FILE_FIELDS}
+    if isinstance(meta.get("params"), str):
+        meta["params"] = json.loads(meta["params"])
     meta["split"] = sample_split(key, val_fraction)
     sample["json"] = json.dumps(meta, sort_keys=True).encode()
     return sample

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from anomaly_factory.errors import InputError
+
 FIELDS = ("image_path", "text")
 FIELD = "anomalycontrol.captions"
 
@@ -58,36 +60,36 @@ def read_captions(path: str | os.PathLike[str]) -> Captions:
     """Read a ``.csv`` or ``.jsonl`` captions file; a ValueError names the file and line."""
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise ValueError(f"{FIELD}: {path} is neither a .csv nor a .jsonl file")
+        raise InputError(f"{FIELD}: {path} is neither a .csv nor a .jsonl file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"{FIELD}: cannot read {path}: {exc}") from exc
+        raise InputError(f"{FIELD}: cannot read {path}: {exc}") from exc
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text: {exc}") from exc
+        raise InputError(f"{path}: not UTF-8 text: {exc}") from exc
     rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     texts: dict[tuple[str, ...], str] = {}
     first_line: dict[tuple[str, ...], int] = {}
     for line, image_path, caption in rows:
         key = path_parts(image_path)
         if key in texts and texts[key] != caption:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{line}: {image_path!r} already has another caption "
                 f"(line {first_line[key]})"
             )
         texts[key] = caption
         first_line.setdefault(key, line)
     if not texts:
-        raise ValueError(f"{path}: holds no captions")
+        raise InputError(f"{path}: holds no captions")
     return Captions(path, texts, hashlib.sha256(raw).hexdigest())
 
 
 def _checked(path: Path, line: int, image_path: object, text: object) -> tuple[int, str, str]:
     for name, value in zip(FIELDS, (image_path, text), strict=True):
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path}:{line}: {name} is missing or empty ({value!r})")
+            raise InputError(f"{path}:{line}: {name} is missing or empty ({value!r})")
     return line, str(image_path).strip(), str(text).strip()
 
 
@@ -96,17 +98,17 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
     header = reader.fieldnames or []
     missing = [f for f in FIELDS if f not in header]
     if missing:
-        raise ValueError(f"{path}:1: header {header} lacks {missing}")
+        raise InputError(f"{path}:1: header {header} lacks {missing}")
     rows = []
     try:
         for record in reader:
             if None in record:  # more fields than the header names
-                raise ValueError(f"{path}:{reader.line_num}: more fields than the header")
+                raise InputError(f"{path}:{reader.line_num}: more fields than the header")
             rows.append(
                 _checked(path, reader.line_num, record.get("image_path"), record.get("text"))
             )
     except csv.Error as exc:
-        raise ValueError(f"{path}:{reader.line_num}: {exc}") from exc
+        raise InputError(f"{path}:{reader.line_num}: {exc}") from exc
     return rows
 
 
@@ -118,8 +120,8 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
         try:
             record = json.loads(content)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line}: not valid JSON: {exc}") from exc
+            raise InputError(f"{path}:{line}: not valid JSON: {exc}") from exc
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line}: expected an object with {list(FIELDS)}")
+            raise InputError(f"{path}:{line}: expected an object with {list(FIELDS)}")
         rows.append(_checked(path, line, record.get("image_path"), record.get("text")))
     return rows

@@ -482,7 +482,7 @@ def load_references(
     text may describe another type than the images show); otherwise each image has
     its caption from ``captions`` or, lacking one, the ``template`` of its type.
     """
-    from anomaly_factory.generators.magic.models import resolve_path
+    from anomaly_factory.generators.common import resolve_path
     from anomaly_factory.manifest import GOOD, read_images, select
 
     df = select(read_images(manifest_path), category=category, split="fewshot")

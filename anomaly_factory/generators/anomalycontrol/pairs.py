@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.anomalycontrol.asea import enhanced_features
 from anomaly_factory.generators.anomalycontrol.csm import (
     Blip2Encoder,
@@ -61,13 +62,14 @@ from anomaly_factory.generators.anomalycontrol.train import (
     read_meta,
     train_adapter,
 )
+from anomaly_factory.generators.base import GenerationRequest, ProgressFn
+from anomaly_factory.generators.common import pair_seed, resolve_device, resolve_path
 from anomaly_factory.generators.composite import composite
-from anomaly_factory.generators.magic.models import resolve_device, resolve_path
 from anomaly_factory.generators.output import (
     is_done,
     pair_key,
     pair_metadata,
-    reference_metadata,
+    reference_params,
     save_pair,
     write_pairs_manifest,
 )
@@ -99,26 +101,28 @@ def generate_pairs(
     reference_image: Path | None = None,
     reference_mask: Path | None = None,
     masks: Path | None = None,
+    on_pair: ProgressFn | None = None,
 ) -> Path:
     """Write ``n_pairs`` pairs of (category, anomaly_type) to ``out_dir``; return pairs.parquet.
 
     Without ``checkpoint`` the adapter is trained first (or reused from its
-    cache folder) with the profile's settings. Finished pairs are skipped.
+    cache folder) with the profile's settings. Finished pairs are skipped;
+    ``on_pair(done, total)`` is called after every saved pair.
     """
     if n_pairs <= 0:
-        raise ValueError(f"n_pairs: {n_pairs} is not > 0")
+        raise InputError(f"n_pairs: {n_pairs} is not > 0")
     ac = cfg.anomalycontrol
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
     if masks is not None and not Path(masks).is_dir():
-        raise ValueError(f"masks (--masks): {masks} is not a folder")
+        raise InputError(f"masks (--masks): {masks} is not a folder")
 
     df = read_images(manifest_path)
     normals = select(df, category=category, anomaly_type=GOOD, split="train")
     fewshot = select(df, category=category, anomaly_type=anomaly_type, split="fewshot")
     if normals.empty:
-        raise ValueError(f"{manifest_path}: no 'train' normal images of category {category!r}")
+        raise InputError(f"{manifest_path}: no 'train' normal images of category {category!r}")
     if fewshot.empty and masks is None and ac.mask_source == MASK_SOURCE:
-        raise ValueError(
+        raise InputError(
             f"{manifest_path}: no 'fewshot' masks of {category!r}/{anomaly_type!r} to inpaint into"
         )
     refs = references(
@@ -156,16 +160,18 @@ def generate_pairs(
 
     res = cfg.model.resolution
     # per-index draws: pair i is the same whatever n_pairs is and however often it resumes
-    picks = [np.random.default_rng([ac.seed, i, 1]) for i in range(n_pairs)]
+    pair_seeds = [pair_seed(ac.seed, category, anomaly_type, i) for i in range(n_pairs)]
+    picks = [np.random.default_rng(s) for s in pair_seeds]
     normal_idx = [int(r.integers(0, len(normals))) for r in picks]
     fewshot_idx = [int(r.integers(0, max(len(fewshot), 1))) for r in picks]
+    done = n_pairs - len(todo)
     for start in range(0, len(todo), ac.batch_size):
         batch = todo[start : start + ac.batch_size]
         normal_paths = [str(normals["image_path"].iloc[normal_idx[i]]) for i in batch]
         normal_imgs = [read_rgb(resolve_path(p, manifest_path), res) for p in normal_paths]
         mask_imgs, mask_sources = targets.masks(batch, [fewshot_idx[i] for i in batch], n_pairs)
         ref_of = [i % len(refs) for i in batch]
-        seeds = [_seed(ac.seed, i) for i in batch]
+        seeds = [pair_seeds[i] for i in batch]
         images = inpaint(
             cfg, pipe, normal_imgs, mask_imgs, [target] * len(batch), features[ref_of], seeds
         )
@@ -178,12 +184,11 @@ def generate_pairs(
                 GENERATOR,
                 seeds[j],
                 targets.name(i),
-                sigma=0.0,
-                w_m=ac.guidance_scale,
-                w_d=ac.guidance_scale,
-                steps=ac.steps,
+                normal_paths[j],
                 checkpoint_hash=checkpoint_hash,
-                **reference_metadata(
+                guidance_scale=ac.guidance_scale,
+                steps=ac.steps,
+                **reference_params(
                     reference_text=ref.text,
                     target_prompt=target,
                     reference_image=ref.image_path,
@@ -198,12 +203,14 @@ def generate_pairs(
                 blip2=encoder.name,
                 blip2_features=encoder.features,
                 composite=ac.composite.method,
-                source_normal=normal_paths[j],
                 source_mask=mask_sources[j],
-                asea_mass_before=result.mass_before if result else float("nan"),
-                asea_mass_after=result.mass_after if result else float("nan"),
+                asea_mass_before=result.mass_before if result else None,
+                asea_mass_after=result.mass_after if result else None,
             )
             save_pair(out_dir, keys[i], images[j], mask_imgs[j], normal_imgs[j], meta)
+            done += 1
+            if on_pair is not None:
+                on_pair(done, n_pairs)
         log.info("AnomalyControl: %d/%d pairs", start + len(batch), len(todo))
     return write_pairs_manifest(out_dir)
 
@@ -241,7 +248,7 @@ def references(
             if reference_image is None
             else ("reference_image (--reference-image)", "reference_mask (--reference-mask)")
         )
-        raise ValueError(f"{given} needs {missing} too: a reference is an image and its mask")
+        raise InputError(f"{given} needs {missing} too: a reference is an image and its mask")
     ref_category = reference_category or EXTERNAL
     ref_type = reference_type or EXTERNAL
     desc, source = describe(
@@ -313,7 +320,7 @@ class TargetMasks:
             except (FileNotFoundError, ValueError) as exc:
                 if folder is None:
                     raise
-                raise ValueError(f"masks (--masks): {exc}") from exc
+                raise InputError(f"masks (--masks): {exc}") from exc
 
     def name(self, index: int) -> str:
         """The pair's ``mask_source``: fewshot, folder, generator (+fewshot_fallback)."""
@@ -373,11 +380,6 @@ def inpaint(
     return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
 
 
-def _seed(base: int, index: int) -> int:
-    """One seed per pair index, so a resumed run draws what an uninterrupted one would."""
-    return int(np.random.default_rng([base, index]).integers(0, 2**31 - 1))
-
-
 def _check_checkpoint(cfg: FactoryConfig, meta: dict, encoder: Blip2Encoder, folder: Path) -> None:
     problems = []
     if meta.get("n_tokens") != cfg.anomalycontrol.n_tokens:
@@ -395,4 +397,38 @@ def _check_checkpoint(cfg: FactoryConfig, meta: dict, encoder: Blip2Encoder, fol
     if not meta.get("complete"):
         problems.append("training did not finish")
     if problems:
-        raise ValueError(f"checkpoint {folder}: " + "; ".join(problems))
+        raise InputError(f"checkpoint {folder}: " + "; ".join(problems))
+
+
+class AnomalyControl:
+    """AnomalyControl (cross-modal reference, adapter with decoupled cross-attention).
+
+    ``request.options`` may hold the reference of one call: ``reference_text``,
+    ``reference_category``, ``reference_type``, ``prompt``, ``reference_image``,
+    ``reference_mask``, ``masks`` (see :func:`generate_pairs`).
+    """
+
+    name = GENERATOR
+    fewshot_typed = False  # a type may be transferred to a category that lacks it
+
+    def prepare(self, request: GenerationRequest) -> Path | None:
+        """The category's adapter (SGA), trained once into its cache folder and resumed
+        there (``anomalycontrol.out_dir``); a given ``request.checkpoint`` as is."""
+        if request.checkpoint is not None:
+            return request.checkpoint
+        from anomaly_factory.generators.anomalycontrol.train import train_adapter
+
+        return train_adapter(request.cfg, request.manifest, request.category)
+
+    def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
+        return generate_pairs(
+            request.cfg,
+            request.manifest,
+            request.category,
+            request.anomaly_type,
+            request.n_pairs,
+            request.out_dir,
+            request.checkpoint,
+            **dict(request.options),
+            on_pair=on_pair,
+        )

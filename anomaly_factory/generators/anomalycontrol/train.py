@@ -44,6 +44,7 @@ from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
 from safetensors.torch import load_file, save_file
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.anomalycontrol.asea import enhanced_features
 from anomaly_factory.generators.anomalycontrol.captions import Captions, read_captions
 from anomaly_factory.generators.anomalycontrol.csm import (
@@ -60,6 +61,7 @@ from anomaly_factory.generators.anomalycontrol.sga import (
     load_adapter_state_dict,
     load_adapter_weights,
 )
+from anomaly_factory.generators.common import resolve_device
 from anomaly_factory.generators.magic import models
 from anomaly_factory.io import atomic_path, atomic_write_json
 from anomaly_factory.manifest import read_images
@@ -130,9 +132,9 @@ def read_meta(folder: Path) -> dict:
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{path}: no AnomalyControl adapter here") from exc
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        raise InputError(f"{path}: not valid JSON: {exc}") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise InputError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     return meta
 
 
@@ -287,7 +289,7 @@ def train_adapter(
     a = ac.adapter
     manifest_path = Path(manifest_path)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "float32"})})
-    device = models.resolve_device(cfg.model)
+    device = resolve_device(cfg.model)
     encoder = encoder or load_blip2(ac.blip2, device)
     if out_dir is None:
         out_dir = checkpoint_dir(cfg, manifest_path, category, encoder.weights_hash)

@@ -1,9 +1,9 @@
 """The generation loop the baseline generators share: pick a train normal, make one
-anomaly from it, save the pair. Seeded per pair and resumable."""
+anomaly from it, save the pair. Seeded per pair (``common.pair_seed`` of ``generate.seed``:
+the baselines have no seed of their own) and resumable."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +12,8 @@ import pandas as pd
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.errors import InputError
+from anomaly_factory.generators.base import ProgressFn
+from anomaly_factory.generators.common import pair_seed
 from anomaly_factory.generators.output import (
     is_done,
     pair_key,
@@ -24,13 +26,6 @@ from anomaly_factory.manifest import GOOD, read_images, select
 
 # (normal uint8 HxWx3, per-pair rng, pair seed) -> (anomalous image, bool mask)
 Synthesize = Callable[[np.ndarray, np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
-
-
-def pair_seed(generator: str, seed: int, key: str) -> int:
-    """A 31-bit seed derived from the run seed and the pair key, so that a resumed run
-    regenerates exactly the pairs an uninterrupted one would."""
-    digest = hashlib.sha256(f"{generator}:{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
@@ -56,14 +51,16 @@ def generate_baseline_pairs(
     generator: str,
     mask_source: str,
     make_synthesize: Callable[[pd.DataFrame, pd.DataFrame], Synthesize],
+    on_pair: ProgressFn | None = None,
 ) -> Path:
     """Write ``n_pairs`` pairs of one (category, label) and rebuild ``pairs.parquet``.
 
     ``make_synthesize(manifest, normals)`` builds the per-pair function once, so it
-    can pre-load what it needs (e.g. texture sources).
+    can pre-load what it needs (e.g. texture sources). ``on_pair(done, total)`` is
+    called after every pair.
     """
     if n_pairs < 1:
-        raise ValueError(f"n_pairs: {n_pairs} is not >= 1")
+        raise InputError(f"n_pairs: {n_pairs} is not >= 1")
     out_dir = Path(out_dir)
     manifest = read_images(manifest_path)
     normals = train_normals(manifest, category, str(manifest_path))
@@ -72,15 +69,19 @@ def generate_baseline_pairs(
     synthesize = make_synthesize(manifest, normals)
     for index in range(n_pairs):
         key = pair_key(dataset, category, anomaly_type, index)
+        if on_pair is not None:
+            on_pair(index, n_pairs)
         if is_done(out_dir, key):
             continue
-        seed = pair_seed(generator, cfg.generate.seed, key)
+        seed = pair_seed(cfg.generate.seed, category, anomaly_type, index)
         rng = np.random.default_rng(seed)
         source = str(normals["image_path"].iloc[int(rng.integers(len(normals)))])
         normal = load_rgb(source, size)
         image, mask = synthesize(normal, rng, seed)
         metadata = pair_metadata(
-            dataset, category, anomaly_type, generator, seed, mask_source, source_path=source
+            dataset, category, anomaly_type, generator, seed, mask_source, source
         )
         save_pair(out_dir, key, image, mask, normal, metadata)
+    if on_pair is not None:
+        on_pair(n_pairs, n_pairs)
     return write_pairs_manifest(out_dir)

@@ -15,7 +15,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from anomaly_factory.config import CutPasteSection, FactoryConfig
+from anomaly_factory.config import CutPasteSection
+from anomaly_factory.errors import InputError
+from anomaly_factory.generators.base import GenerationRequest, ProgressFn, Untrained
 from anomaly_factory.generators.baselines.common import Synthesize, generate_baseline_pairs
 
 GENERATOR = "cutpaste"
@@ -81,35 +83,30 @@ def _synthesizer(settings: CutPasteSection) -> Callable[[pd.DataFrame, pd.DataFr
     return make
 
 
-def generate_pairs(
-    cfg: FactoryConfig,
-    manifest_path: Path,
-    category: str,
-    anomaly_type: str,
-    n_pairs: int,
-    out_dir: Path,
-    checkpoint: Path | None = None,
-    **reference_options: object,
-) -> Path:
-    """Write ``n_pairs`` CutPaste pairs labelled ``anomaly_type``; returns ``pairs.parquet``.
+class CutPaste(Untrained):
+    """CutPaste's pasted patches (the baseline MAGIC is compared with)."""
 
-    ``checkpoint`` and the reference options are accepted for the common signature and
-    ignored: this generator learns nothing.
-    """
-    del checkpoint, reference_options
-    settings = cfg.baselines.cutpaste
-    if settings.area_min > settings.area_max:
-        raise ValueError(
-            f"baselines.cutpaste.area_min: {settings.area_min} is > area_max {settings.area_max}"
+    name = GENERATOR
+
+    def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
+        """Write ``request.n_pairs`` pairs labelled ``request.anomaly_type``; returns
+        ``pairs.parquet``."""
+        cfg, manifest_path, out_dir = request.cfg, request.manifest, request.out_dir
+        category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
+        settings = cfg.baselines.cutpaste
+        if settings.area_min > settings.area_max:
+            raise InputError(
+                f"baselines.cutpaste.area_min: {settings.area_min} is > area_max {settings.area_max}"
+            )
+        return generate_baseline_pairs(
+            cfg,
+            manifest_path,
+            category,
+            anomaly_type,
+            n_pairs,
+            out_dir,
+            GENERATOR,
+            "cutpaste",
+            _synthesizer(settings),
+            on_pair,
         )
-    return generate_baseline_pairs(
-        cfg,
-        manifest_path,
-        category,
-        anomaly_type,
-        n_pairs,
-        out_dir,
-        GENERATOR,
-        "cutpaste",
-        _synthesizer(settings),
-    )

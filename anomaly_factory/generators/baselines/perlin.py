@@ -21,7 +21,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from anomaly_factory.config import FactoryConfig, PerlinSection
+from anomaly_factory.config import PerlinSection
+from anomaly_factory.errors import InputError
+from anomaly_factory.generators.base import GenerationRequest, ProgressFn, Untrained
 from anomaly_factory.generators.baselines.common import (
     Synthesize,
     generate_baseline_pairs,
@@ -43,7 +45,7 @@ def texture_sources(
             if p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not found:
-            raise ValueError(f"baselines.perlin.texture_dir: no images in {settings.texture_dir}")
+            raise InputError(f"baselines.perlin.texture_dir: no images in {settings.texture_dir}")
         return found
     category = normals["category"].iloc[0]
     others = manifest[
@@ -120,35 +122,30 @@ def _synthesizer(settings: PerlinSection) -> Callable[[pd.DataFrame, pd.DataFram
     return make
 
 
-def generate_pairs(
-    cfg: FactoryConfig,
-    manifest_path: Path,
-    category: str,
-    anomaly_type: str,
-    n_pairs: int,
-    out_dir: Path,
-    checkpoint: Path | None = None,
-    **reference_options: object,
-) -> Path:
-    """Write ``n_pairs`` Perlin pairs labelled ``anomaly_type``; returns ``pairs.parquet``.
+class Perlin(Untrained):
+    """DRAEM's Perlin-noise anomalies (the baseline MAGIC is compared with)."""
 
-    ``checkpoint`` and the reference options are accepted for the common signature and
-    ignored: this generator learns nothing.
-    """
-    del checkpoint, reference_options
-    settings = cfg.baselines.perlin
-    if settings.blend_min > settings.blend_max:
-        raise ValueError(
-            f"baselines.perlin.blend_min: {settings.blend_min} is > blend_max {settings.blend_max}"
+    name = GENERATOR
+
+    def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
+        """Write ``request.n_pairs`` pairs labelled ``request.anomaly_type``; returns
+        ``pairs.parquet``."""
+        cfg, manifest_path, out_dir = request.cfg, request.manifest, request.out_dir
+        category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
+        settings = cfg.baselines.perlin
+        if settings.blend_min > settings.blend_max:
+            raise InputError(
+                f"baselines.perlin.blend_min: {settings.blend_min} is > blend_max {settings.blend_max}"
+            )
+        return generate_baseline_pairs(
+            cfg,
+            manifest_path,
+            category,
+            anomaly_type,
+            n_pairs,
+            out_dir,
+            GENERATOR,
+            "perlin",
+            _synthesizer(settings),
+            on_pair,
         )
-    return generate_baseline_pairs(
-        cfg,
-        manifest_path,
-        category,
-        anomaly_type,
-        n_pairs,
-        out_dir,
-        GENERATOR,
-        "perlin",
-        _synthesizer(settings),
-    )

@@ -24,6 +24,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.magic.checkpoints import (
     clear_train_state,
     load_train_state,
@@ -74,7 +75,7 @@ def load_fewshot(
     """Few-shot images in [-1, 1], their binary masks, and content hashes of both."""
     df = select(read_images(manifest_path), category, anomaly_type, "fewshot")
     if df.empty:
-        raise ValueError(
+        raise InputError(
             f"{manifest_path}: no 'fewshot' images for category {category!r}, "
             f"anomaly_type {anomaly_type!r}"
         )
@@ -194,7 +195,7 @@ def finetune(
     if state is not None:
         missing = set(trainable) - set(state.trainable)
         if missing:
-            raise ValueError(f"{out_dir}: resume state lacks parameters {sorted(missing)[:3]}")
+            raise InputError(f"{out_dir}: resume state lacks parameters {sorted(missing)[:3]}")
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(state.trainable[name])

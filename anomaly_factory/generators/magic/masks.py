@@ -22,7 +22,6 @@ mask ``i`` is the same whatever else is asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 
 from anomaly_factory import images as image_io
 from anomaly_factory.config import MaskGeneratorSection, MasksSection
+from anomaly_factory.errors import InputError
+from anomaly_factory.generators.common import derive_seed
 from anomaly_factory.generators.magic.precision import cpu_bf16_autocast
 from anomaly_factory.images import MaskSource, resize_mask_keep_thin
 from anomaly_factory.io import atomic_write_json
@@ -42,12 +43,6 @@ log = logging.getLogger(__name__)
 
 GENERATOR_FILE = "mask_generator.json"
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (seed, names, indices), stable across runs and machines."""
-    text = json.dumps([str(p) for p in parts])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------- rejection rules
@@ -111,12 +106,12 @@ def fewshot_masks(
     manifest_path: Path, category: str, anomaly_type: str, size: int
 ) -> tuple[np.ndarray, list[str]]:
     """The type's ``fewshot`` masks at ``size`` px (N, size, size) bool, and their paths."""
-    from anomaly_factory.generators.magic.models import resolve_path
+    from anomaly_factory.generators.common import resolve_path
     from anomaly_factory.manifest import read_images, select
 
     df = select(read_images(manifest_path), category, anomaly_type, "fewshot")
     if df.empty:
-        raise ValueError(
+        raise InputError(
             f"{manifest_path}: no fewshot images for category {category!r}, "
             f"anomaly type {anomaly_type!r}"
         )
@@ -180,7 +175,7 @@ class MaskGenerator:
         from diffusers import DDPMScheduler
 
         if len(masks) == 0:
-            raise ValueError("mask generator: no training masks")
+            raise InputError("mask generator: no training masks")
         r = section.resolution
         data = torch.from_numpy(np.stack([resize_mask(m, r) for m in masks])).float()
         data = data[:, None] * 2 - 1
@@ -384,7 +379,7 @@ class FolderMaskSource:
             if len(accepted) >= n:
                 break
         if not accepted:
-            raise ValueError(
+            raise InputError(
                 f"masks.folder: every mask in {self.folder} fails the rejection rules "
                 f"({self.rejected})"
             )
@@ -402,7 +397,7 @@ def load_or_train_generator(
     if folder is not None and (Path(folder) / GENERATOR_FILE).is_file():
         gen = MaskGenerator.load(folder)
         if gen.section != cfg.generator:
-            raise ValueError(
+            raise InputError(
                 f"{folder}: saved mask generator settings differ from masks.generator; "
                 f"delete the folder to retrain"
             )

@@ -46,29 +46,14 @@ from anomaly_factory.config import (
     SchedulerSection,
     TinyModelSection,
 )
+from anomaly_factory.generators.common import resolve_device, resolve_dtype, resolve_path
 from anomaly_factory.manifest import read_images, select
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 77  # CLIP's context length, as in SD
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_SUBDIR = "tiny"
-
-
-# --------------------------------------------------------------------------- devices
-def resolve_device(model: ModelSection) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit ``cuda`` without a GPU is an error."""
-    if model.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if model.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(model.device)
-
-
-def resolve_dtype(model: ModelSection, device: torch.device) -> torch.dtype:
-    """Half precision only on GPU: CPU kernels for fp16 convolutions are slow or missing."""
-    return DTYPES[model.dtype] if device.type == "cuda" else torch.float32
 
 
 # --------------------------------------------------------------------------- tiny components
@@ -229,16 +214,6 @@ def build_tiny_pipeline(
 
 
 # --------------------------------------------------------------------------- image loading
-def resolve_path(path: str, manifest_path: Path | None) -> Path:
-    """A manifest path, relative paths taken against the manifest's folder if not found as is."""
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and manifest_path is not None:
-        alt = Path(manifest_path).parent / p
-        if alt.exists():
-            return alt
-    return p
-
-
 def load_image(path: Path, size: int) -> torch.Tensor:
     """RGB image as a (3, size, size) tensor in [-1, 1] (SD's input range)."""
     from anomaly_factory.images import read_rgb, rgb_to_tensor

@@ -1,6 +1,6 @@
 """MAGIC pair generation for one (category, anomaly type): MAGIC §3, CONTEXT §1 "Output".
 
-For pair ``i`` (seed ``derive_seed(generate.seed, category, type, i)``):
+For pair ``i`` (seed ``common.pair_seed(generate.seed, category, type, i)``):
 
 1. take mask ``i`` of the type's mask source (:mod:`.masks`: the trained mask
    generator or a folder of masks);
@@ -39,13 +39,15 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from anomaly_factory.config import FactoryConfig
-from anomaly_factory.generators.magic.masks import derive_seed, mask_source
+from anomaly_factory.errors import InputError
+from anomaly_factory.generators.base import GenerationRequest, ProgressFn
+from anomaly_factory.generators.common import derive_seed, pair_seed
+from anomaly_factory.generators.magic.masks import load_or_train_generator, mask_source
 from anomaly_factory.generators.output import (
     PAIRS_FILE,
     is_done,
@@ -66,7 +68,6 @@ MASK_GENERATOR_DIR = "mask_generator"
 
 # aligner(mask, reference_image, normal_image, seed, reference_mask=...) -> (mask, record)
 Aligner = Callable[..., tuple[np.ndarray, dict]]
-ProgressFn = Callable[[int, int], None]
 
 
 def identity_aligner(
@@ -109,7 +110,7 @@ class ImageCache:
         return value
 
     def _path(self, path: str) -> Path:
-        from anomaly_factory.generators.magic.models import resolve_path
+        from anomaly_factory.generators.common import resolve_path
 
         return resolve_path(path, self.manifest_path)
 
@@ -129,10 +130,6 @@ class ImageCache:
             return self._masks[path]
         full = read_mask(self._path(path), source="dataset")
         return self._remember(self._masks, path, resize_mask(full, (self.size, self.size)))
-
-
-def pair_seed(cfg: FactoryConfig, category: str, anomaly_type: str, index: int) -> int:
-    return derive_seed(cfg.generate.seed, category, anomaly_type, index)
 
 
 def normal_index(cfg: FactoryConfig, category: str, anomaly_type: str, index: int, n: int) -> int:
@@ -195,7 +192,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         if old != settings:
             diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
-            raise ValueError(
+            raise InputError(
                 f"{path}: the folder holds pairs made with other settings (differ: {diff}); "
                 f"use another --out or delete the folder"
             )
@@ -214,14 +211,12 @@ def generate_pairs(
     *,
     on_pair: ProgressFn | None = None,
     aligner: Aligner | None = None,
-    **_ignored_reference_options: Any,
 ) -> Path:
     """Generate ``n_pairs`` MAGIC pairs into ``out_dir``; return ``out_dir/pairs.parquet``.
 
     ``checkpoint`` is a fine-tuned checkpoint folder (issue 3); None uses the base
     pipeline. ``on_pair(done, total)`` is called after every saved pair.
-    ``aligner`` overrides :func:`make_aligner`. Reference options
-    (AnomalyControl's) are accepted and ignored.
+    ``aligner`` overrides :func:`make_aligner`.
     """
     from anomaly_factory.generators.magic.checkpoints import read_meta
     from anomaly_factory.generators.magic.gpp import (
@@ -232,14 +227,14 @@ def generate_pairs(
 
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
     if n_pairs < 1:
-        raise ValueError(f"n_pairs: {n_pairs} is not >= 1")
+        raise InputError(f"n_pairs: {n_pairs} is not >= 1")
     images = read_images(manifest_path)
     normals = select(images, category, split="train")
     refs = select(images, category, anomaly_type, "fewshot")
     if normals.empty:
-        raise ValueError(f"{manifest_path}: category {category!r} has no train images")
+        raise InputError(f"{manifest_path}: category {category!r} has no train images")
     if refs.empty:
-        raise ValueError(
+        raise InputError(
             f"{manifest_path}: no fewshot images for category {category!r}, type {anomaly_type!r}"
         )
     dataset = str(normals["dataset"].iloc[0])
@@ -300,11 +295,12 @@ def generate_pairs(
                     GENERATOR_NAME,
                     seed,
                     source,
+                    record.pop("normal_source"),
+                    checkpoint_hash=ckpt_hash,
                     sigma=options.sigma,
                     w_m=options.w_m,
                     w_d=options.w_d,
                     steps=options.steps,
-                    checkpoint_hash=ckpt_hash,
                     **record,
                     gpp_target=g.gpp.target,
                     train_sigma=train_sigma,
@@ -347,7 +343,7 @@ def align_pair(
     which the record names (``reference_mask_source``).
     """
     res = cache.size
-    seed = pair_seed(cfg, category, anomaly_type, index)
+    seed = pair_seed(cfg.generate.seed, category, anomaly_type, index)
     rng = np.random.default_rng(seed)
     normal_row = normals.iloc[normal_index(cfg, category, anomaly_type, index, len(normals))]
     ref_row = refs.iloc[int(rng.integers(len(refs)))]
@@ -357,7 +353,7 @@ def align_pair(
     aligned, record = aligner(mask, reference, normal, seed, reference_mask=reference_mask)
     aligned = np.asarray(aligned, bool)
     if aligned.shape != (res, res):
-        raise ValueError(f"aligner returned a {aligned.shape} mask, expected {(res, res)}")
+        raise InputError(f"aligner returned a {aligned.shape} mask, expected {(res, res)}")
     record = {
         **record,
         "normal_source": str(normal_row["image_path"]),
@@ -372,3 +368,47 @@ def read_generated(out_dir: Path) -> pd.DataFrame:
     from anomaly_factory.manifest import read_pairs
 
     return read_pairs(Path(out_dir) / PAIRS_FILE)
+
+
+class Magic:
+    """MAGIC (few-shot mask-guided anomaly inpainting) as the factory runs it."""
+
+    name = GENERATOR_NAME
+    fewshot_typed = True
+
+    def prepare(self, request: GenerationRequest) -> Path | None:
+        """The type's GPP fine-tune into ``request.train_dir`` (None: no fine-tune, the
+        base pipeline; a given ``request.checkpoint`` is used as is), and its mask
+        generator into the pairs folder (when masks come from the generator). Both are
+        cached: a finished training is loaded, an interrupted fine-tune resumes."""
+        from anomaly_factory.generators.magic.finetune import finetune
+
+        cfg = request.cfg
+        checkpoint = request.checkpoint
+        if checkpoint is None and request.train_dir is not None:
+            checkpoint = finetune(
+                cfg, request.manifest, request.category, request.anomaly_type, request.train_dir
+            )
+        if cfg.masks.source == "generator":
+            load_or_train_generator(
+                cfg.masks,
+                request.manifest,
+                request.category,
+                request.anomaly_type,
+                Path(request.out_dir) / MASK_GENERATOR_DIR,
+            )
+        return checkpoint
+
+    def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
+        """:func:`generate_pairs` of the request (a mask generator ``prepare`` did not
+        train is trained here, once)."""
+        return generate_pairs(
+            request.cfg,
+            request.manifest,
+            request.category,
+            request.anomaly_type,
+            request.n_pairs,
+            request.out_dir,
+            request.checkpoint,
+            on_pair=on_pair,
+        )

@@ -50,9 +50,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from anomaly_factory.config import GenerateSection
+from anomaly_factory.generators.common import derive_seed
 from anomaly_factory.generators.composite import paste_back
 from anomaly_factory.generators.magic.gpp import gaussian_prompt_perturbation
-from anomaly_factory.generators.magic.masks import derive_seed
 from anomaly_factory.generators.magic.sag import sag_schedule, spatially_adaptive_guidance
 
 
