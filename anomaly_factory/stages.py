@@ -10,11 +10,11 @@ paths; relative paths in manifests are relative to ``ref.root``, so run them the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.gates.decide import GateSummary
 from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.layout import RunLayout, default_version
 
@@ -163,7 +163,7 @@ def merge_pairs(ref: RunRef, parts: list[Path] | None = None) -> Path:
     return merge(parts, ref.layout.pairs)
 
 
-def gates(ref: RunRef) -> dict[str, Any]:
+def gates(ref: RunRef) -> GateSummary:
     """KID / IC-LPIPS / pair checks / expectations into the reports folder; returns the
     decision (never raises on a failed gate)."""
     from anomaly_factory.gates import run_gates
@@ -177,31 +177,12 @@ def gates(ref: RunRef) -> dict[str, Any]:
         ref.cfg.generate.n_pairs,
         report=False,  # the report stage renders it, once, after the detectors
     )
-    return {
-        "passed": bool(result.passed),
-        "publishable": bool(result.publishable),
-        "reports": str(layout.reports),
-        "types": {name: bool(t.passed) for name, t in result.types.items()},
-        "reasons": {name: list(t.reasons) for name, t in result.types.items()},
-        "version_reasons": list(result.version_reasons),
-        "gates_on": [g["gate"] for g in result.gates if g["on"]],
-        "gates_off": [g["gate"] for g in result.gates if not g["on"]],
-    }
+    return GateSummary.of(result, layout.reports)
 
 
-def gate_verdict(ref: RunRef) -> dict[str, Any]:
-    """The decision ``gates`` wrote (gates.json): ``passed``, ``publishable`` and
-    ``types`` (each type's passed flag)."""
-    import json
-
-    from anomaly_factory.gates.decide import GATES_FILE
-
-    saved = json.loads((ref.layout.reports / GATES_FILE).read_text())
-    return {
-        "passed": bool(saved["passed"]),
-        "publishable": bool(saved["publishable"]),
-        "types": {name: bool(t["passed"]) for name, t in saved["types"].items()},
-    }
+def gate_verdict(ref: RunRef) -> GateSummary:
+    """The decision ``gates`` wrote (gates.json), for the stages after it."""
+    return GateSummary.read(ref.layout.reports)
 
 
 def detect(ref: RunRef) -> Path:

@@ -126,7 +126,7 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     stage("shards", 1, 1)
     done(97)
     published = None
-    if cfg.publish.enabled and gates["publishable"]:
+    if cfg.publish.enabled and gates.publishable:
         stage("publish", 0, 1)
         published = configured(publish_version, cfg)(ref)
         stage("publish", 1, 1)
@@ -135,22 +135,22 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
 
     result = {
         "version": version,
-        "passed": gates["passed"],
-        "types": gates["types"],
+        "passed": gates.passed,
+        "types": gates.types,
         "report": report,
         "shards": str(layout.shards / version),
         "shard_index": index,
         "pairs": pairs,
         "published": published,
-        "gates_on": gates.get("gates_on", []),
-        "gates_off": gates.get("gates_off", []),
+        "gates_on": gates.gates_on,
+        "gates_off": gates.gates_off,
     }
-    _artifacts(result, Path(gates["reports"]) / "metrics.json")
+    _artifacts(result, gates.reports / "metrics.json")
     done(100)
-    if not gates["passed"]:
+    if not gates.passed:
         # After every output is written: the run ends Failed, with the gate table as its
         # message, so a scheduled or work-pool run that fails its gates shows as failed.
-        raise VersionFailedGates(gate_table(version, gates), result)
+        raise VersionFailedGates(gates.table(version), result)
     return result
 
 
@@ -163,20 +163,6 @@ class VersionFailedGates(GatesFailed):
 
     def __reduce__(self):  # Prefect pickles a flow's exception with its state
         return (type(self), (str(self), self.result))
-
-
-def gate_table(version: str, gates: dict[str, Any]) -> str:
-    """The gate outcome as text: one line per type, failures first, with their reasons."""
-    types = gates["types"]
-    failed = sorted(t for t, ok in types.items() if not ok)
-    lines = [f"quality gates failed for {version}: {len(failed)} of {len(types)} types"]
-    reasons = gates.get("reasons", {})
-    width = max((len(t) for t in types), default=0)
-    for t in failed + sorted(t for t, ok in types.items() if ok):
-        why = "; ".join(reasons.get(t, []))
-        lines.append(f"  {t:<{width}}  {'FAIL' if not types[t] else 'pass'}  {why}".rstrip())
-    lines += [f"  version: {r}" for r in gates.get("version_reasons", [])]
-    return "\n".join(lines)
 
 
 def metric_rows(metrics_path: Path) -> list[dict[str, Any]]:

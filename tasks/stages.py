@@ -8,11 +8,11 @@ code re-runs a task. Retries and caching come from the config (``tasks.common.co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 
 from anomaly_factory import stages
+from anomaly_factory.gates.decide import GateSummary
 from anomaly_factory.stages import RunRef
 from tasks.common import CACHE
 
@@ -50,7 +50,7 @@ def merge_pairs(ref: RunRef, parts: list[str]) -> str:
 
 
 @task(name="gates", cache_policy=CACHE, persist_result=True)
-def run_gates(ref: RunRef) -> dict[str, Any]:
+def run_gates(ref: RunRef) -> GateSummary:
     """KID / IC-LPIPS / expectations; returns the gate decision (never raises on a fail)."""
     return stages.gates(ref)
 

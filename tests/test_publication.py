@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from anomaly_factory.gates.decide import GateSummary
 from anomaly_factory.gates.publication import (
     PublicationError,
     candidates_per_type,
@@ -141,6 +142,11 @@ def test_drop_still_needs_the_full_count(candidates, demo_manifest_path, tmp_pat
     scratch = result.types["demo/nut_demo/scratch"]
     assert not scratch.passed and any(r.startswith("pair_count") for r in scratch.reasons)
     assert result.types["demo/nut_demo/rust"].passed
+    # the stages after the gates read the same decision back from gates.json
+    summary = GateSummary.read(tmp_path / "reports")
+    assert summary == GateSummary.of(result, tmp_path / "reports")
+    assert summary.failed_types == ["demo/nut_demo/scratch"] and not summary.publishable
+    assert any(r.startswith("pair_count") for r in summary.reasons["demo/nut_demo/scratch"])
 
 
 def test_drop_shards_need_the_gates_record(candidates, demo_manifest_path, tmp_path) -> None:

@@ -64,10 +64,11 @@ def stage(
         console.print(f"wrote {stages.merge_pairs(ref)}")
     elif name is Stage.gates:
         decision = stages.gates(ref)
-        failed = _failed(decision)
+        failed, n = decision.failed_types, len(decision.types)
         console.print(
-            f"gates: {len(decision['types']) - len(failed)}/{len(decision['types'])} types pass"
-            + (f"; failed: {', '.join(failed) or 'the version'}" if failed else "")
+            f"gates: {n - len(failed)}/{n} types pass"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+            + ("; version failed" if not decision.passed and not failed else "")
         )
     elif name is Stage.detect:
         console.print(f"wrote {stages.detect(ref)}")
@@ -76,17 +77,12 @@ def stage(
     elif name is Stage.shards:
         console.print(f"wrote {stages.shards(ref)}")
         verdict = stages.gate_verdict(ref)
-        if not verdict["passed"]:
+        if not verdict.passed:
             raise GatesFailed(
-                f"quality gates failed for: {', '.join(_failed(verdict)) or 'the version'}"
+                f"quality gates failed for: {', '.join(verdict.failed_types) or 'the version'}"
             )
     else:
         console.print(f"published {stages.publish(ref)}")
-
-
-def _failed(decision: dict) -> list[str]:
-    """The types a gate decision (``stages.gates`` / ``gate_verdict``) failed."""
-    return sorted(t for t, ok in decision["types"].items() if not ok)
 
 
 def dvc_yaml(

@@ -7,9 +7,12 @@ and the other types' results are kept in ``gates.json``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from anomaly_factory.gates.expectations import CheckOutcome
 from anomaly_factory.io import atomic_write_json
@@ -80,3 +83,74 @@ def decide(
 
 def write_gates(result: GateResult, out_dir: Path) -> Path:
     return atomic_write_json(Path(out_dir) / GATES_FILE, result.as_dict())
+
+
+class GateSummary(BaseModel):
+    """The decision the rest of the factory acts on (publish or not, exit 1 or 0), without
+    the measurements: what the gates stage returns and ``gates.json`` holds.
+
+    >>> s = GateSummary(passed=False, publishable=False, reports=Path("r"),
+    ...                 types={"a": True, "b": False}, reasons={"b": ["kid 9 > 4"]})
+    >>> s.failed_types
+    ['b']
+    >>> print(s.table("v1"))
+    quality gates failed for v1: 1 of 2 types
+      b  FAIL  kid 9 > 4
+      a  pass
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    passed: bool
+    publishable: bool
+    reports: Path
+    types: dict[str, bool]
+    reasons: dict[str, list[str]] = {}
+    version_reasons: list[str] = []
+    gates_on: list[str] = []
+    gates_off: list[str] = []
+
+    @classmethod
+    def of(cls, result: GateResult, reports: Path) -> GateSummary:
+        return cls(
+            passed=result.passed,
+            publishable=result.publishable,
+            reports=Path(reports),
+            types={name: t.passed for name, t in result.types.items()},
+            reasons={name: list(t.reasons) for name, t in result.types.items()},
+            version_reasons=list(result.version_reasons),
+            gates_on=[g["gate"] for g in result.gates if g["on"]],
+            gates_off=[g["gate"] for g in result.gates if not g["on"]],
+        )
+
+    @classmethod
+    def read(cls, reports: Path) -> GateSummary:
+        """The decision a gates run wrote into ``reports`` (its ``gates.json``)."""
+        saved = json.loads((Path(reports) / GATES_FILE).read_text())
+        types = saved["types"]
+        return cls(
+            passed=saved["passed"],
+            publishable=saved["publishable"],
+            reports=Path(reports),
+            types={name: t["passed"] for name, t in types.items()},
+            reasons={name: list(t["reasons"]) for name, t in types.items()},
+            version_reasons=saved.get("version_reasons", []),
+            gates_on=[g["gate"] for g in saved.get("gates", []) if g["on"]],
+            gates_off=[g["gate"] for g in saved.get("gates", []) if not g["on"]],
+        )
+
+    @property
+    def failed_types(self) -> list[str]:
+        return sorted(t for t, ok in self.types.items() if not ok)
+
+    def table(self, version: str) -> str:
+        """The outcome as text: one line per type, failures first, with their reasons."""
+        failed = self.failed_types
+        lines = [f"quality gates failed for {version}: {len(failed)} of {len(self.types)} types"]
+        width = max((len(t) for t in self.types), default=0)
+        for t in failed + sorted(t for t, ok in self.types.items() if ok):
+            why = "; ".join(self.reasons.get(t, []))
+            verdict = "pass" if self.types[t] else "FAIL"
+            lines.append(f"  {t:<{width}}  {verdict}  {why}".rstrip())
+        lines += [f"  version: {r}" for r in self.version_reasons]
+        return "\n".join(lines)
