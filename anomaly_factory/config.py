@@ -898,16 +898,24 @@ class PublishSection(Section):
     )
 
 
+class GPUDeploymentsSection(Section):
+    """``<flow name>/<deployment name>`` of each GPU flow (``flows.gpu``) on the work pool."""
+
+    category: str = "category/category"
+    detect: str = "detect/detect"
+
+    def for_flow(self, name: str) -> str:
+        return str(getattr(self, name))
+
+
 class OrchestrationSection(Section):
     """Prefect: where GPU stages run, retries, caching. The deployments themselves (pools,
     schedule, pull step) are defined once, in prefect.yaml."""
 
     work_pool: str = Field(
-        default="cuda", description="Process pool of GPU workers (prefect.yaml's gpu-stage pool)"
+        default="cuda", description="Process pool of GPU workers (prefect.yaml's GPU flows' pool)"
     )
-    gpu_deployment: str = Field(
-        default="gpu-stage/gpu-stage", description="<flow name>/<deployment name> of GPU stages"
-    )
+    gpu_deployments: GPUDeploymentsSection = Field(default_factory=lambda: GPUDeploymentsSection())
     dispatch: Literal["local", "work_pool"] = Field(
         default="local",
         description="local: on this machine (local_workers); work_pool: run_deployment to workers",

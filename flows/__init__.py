@@ -1,1 +1,2 @@
-"""Prefect flows of the factory: ``factory`` (one dataset version) and ``gpu_stage``."""
+"""Prefect flows of the factory: ``factory`` (one dataset version) and the GPU flows
+``category`` and ``detect`` (``flows/gpu.py``)."""

@@ -120,22 +120,31 @@ def _pool(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_consistent(cfg: FactoryConfig, spec: dict[str, Any]) -> None:
-    """The deployment the factory dispatches GPU stages to must be one the file defines,
-    on the pool the config names."""
+    """Each deployment the factory dispatches a GPU flow to must be one the file defines,
+    of that flow, on the pool the config names."""
     orch = cfg.orchestration
-    flow_name, _, dep_name = orch.gpu_deployment.partition("/")
-    found = [d for d in spec["deployments"] if d.get("name") == dep_name]
-    if not found:
-        raise InputError(
-            f"orchestration.gpu_deployment: {orch.gpu_deployment!r} is not a deployment "
-            f"of {DEPLOYMENT_FILE} ({[d.get('name') for d in spec['deployments']]})"
-        )
-    pool = _pool(found[0])["name"]
-    if pool != orch.work_pool:
-        raise InputError(
-            f"orchestration.work_pool: {orch.work_pool!r} differs from the pool of "
-            f"{DEPLOYMENT_FILE}'s {dep_name!r} deployment ({pool!r})"
-        )
+    names = [d.get("name") for d in spec["deployments"]]
+    for flow_name in ("category", "detect"):
+        wanted = orch.gpu_deployments.for_flow(flow_name)
+        dep_name = wanted.partition("/")[2]
+        found = [d for d in spec["deployments"] if d.get("name") == dep_name]
+        field = f"orchestration.gpu_deployments.{flow_name}"
+        if not found:
+            raise InputError(
+                f"{field}: {wanted!r} is not a deployment of {DEPLOYMENT_FILE} ({names})"
+            )
+        entrypoint = str(found[0].get("entrypoint", ""))
+        if entrypoint != f"flows.gpu.{flow_name}":
+            raise InputError(
+                f"{field}: {DEPLOYMENT_FILE}'s {dep_name!r} runs {entrypoint!r}, "
+                f"not the {flow_name!r} flow (flows.gpu.{flow_name})"
+            )
+        pool = _pool(found[0])["name"]
+        if pool != orch.work_pool:
+            raise InputError(
+                f"orchestration.work_pool: {orch.work_pool!r} differs from the pool of "
+                f"{DEPLOYMENT_FILE}'s {dep_name!r} deployment ({pool!r})"
+            )
 
 
 def ensure_pools_and_limit(cfg: FactoryConfig, pools: list[str]) -> None:

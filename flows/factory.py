@@ -26,7 +26,7 @@ from anomaly_factory.errors import GatesFailed
 from anomaly_factory.provenance import code_hash
 from anomaly_factory.stages import RunRef, category_types
 from tasks.common import configured
-from tasks.dispatch import dispatch_gpu_stage, run_stages
+from tasks.dispatch import dispatch_gpu, run_stages
 from tasks.stages import (
     combine_manifests,
     ingest_dataset,
@@ -89,14 +89,15 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     configured(combine_manifests, cfg)(ref, parts)
     done(5)
 
-    # GPU stages: one run per category, fanned out on the work pool
-    dispatch = configured(dispatch_gpu_stage, cfg)
+    # GPU flows: one `category` run per category, fanned out on the work pool
+    dispatch = configured(dispatch_gpu, cfg)
     jobs = category_types(ref)
     n_types = sum(len(t) for t in jobs.values())
     types_done = 0
     stage("generate", 0, n_types)
     calls = {
-        c: dict(ref=ref, stage="generate", category=c, anomaly_types=t) for c, t in jobs.items()
+        c: dict(ref=ref, flow_name="category", params={"category": c, "anomaly_types": t})
+        for c, t in jobs.items()
     }
     per_category = []
     for i, (c, paths) in enumerate(run_stages(cfg, dispatch, calls), 1):
@@ -113,7 +114,7 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     done(80)
     if cfg.detector.enabled:
         stage("detect", 0, 1)
-        dispatch(ref, "detect", "all", [])
+        dispatch(ref, "detect", {})
         stage("detect", 1, 1)
     done(92)
     stage("report", 0, 1)

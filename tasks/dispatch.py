@@ -1,6 +1,6 @@
-"""Sending GPU stages to the CUDA work pool and waiting for them, with heartbeats.
+"""Sending the GPU flows (``flows.gpu``) to the CUDA work pool and waiting for them, with heartbeats.
 
-A GPU stage runs as a deployed flow on a process work pool (one worker per GPU).
+A GPU flow runs as a deployment on a process work pool (one worker per GPU).
 ``run_deployment`` creates the run; we then poll it ourselves because a worker
 that dies takes its flow run with it and leaves the run ``Running`` forever.
 The GPU flow sets a Prefect Variable as a heartbeat; when it goes stale the
@@ -27,6 +27,7 @@ from prefect.tasks import Task
 from prefect.variables import Variable
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.stages import RunRef
 from tasks.common import CACHE
 from tasks.heartbeat import StageCrashed, heartbeat_name
@@ -46,7 +47,7 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
             if state is not None and state.is_final():
                 if state.is_completed():
                     return
-                raise StageCrashed(f"GPU stage run {run.name} ended {state.name}: {state.message}")
+                raise StageCrashed(f"GPU run {run.name} ended {state.name}: {state.message}")
             if state is not None and state.is_running():
                 beat = Variable.get(heartbeat_name(flow_run_id), default=None)
                 started = run.start_time.timestamp() if run.start_time else created
@@ -60,7 +61,7 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
                         time.sleep(POLL_S)
                         continue
                     raise StageCrashed(
-                        f"GPU stage run {run.name}: no heartbeat for {heartbeat_timeout:.0f}s"
+                        f"GPU run {run.name}: no heartbeat for {heartbeat_timeout:.0f}s"
                     )
             elif time.time() - created > start_timeout:
                 result = client.set_flow_run_state(
@@ -69,38 +70,39 @@ def _wait(flow_run_id: Any, heartbeat_timeout: float, start_timeout: float) -> N
                 if result.status != SetStateStatus.ACCEPT:
                     time.sleep(POLL_S)
                     continue
-                raise StageCrashed(f"GPU stage run {run.name}: no worker picked it up")
+                raise StageCrashed(f"GPU run {run.name}: no worker picked it up")
             logger.debug("waiting for %s (%s)", run.name, state.name if state else "?")
             time.sleep(POLL_S)
 
 
-@task(name="gpu-stage", cache_policy=CACHE, persist_result=True)  # retries: configured()
-def dispatch_gpu_stage(
-    ref: RunRef, stage: str, category: str, anomaly_types: list[str]
-) -> list[str]:
-    """Run one GPU stage for one category, in-process or on the work pool."""
-    from flows.gpu_stage import gpu_stage, stage_outputs
+@task(name="gpu", cache_policy=CACHE, persist_result=True)  # retries: configured()
+def dispatch_gpu(ref: RunRef, flow_name: str, params: dict[str, Any]) -> list[str]:
+    """Run GPU flow ``flow_name`` (``flows.gpu.GPU_FLOWS``) with ``params``, in-process or
+    on the work pool (its deployment: ``orchestration.gpu_deployments``)."""
+    from flows.gpu import GPU_FLOWS, flow_outputs
 
-    params = dict(ref=ref, stage=stage, category=category, anomaly_types=anomaly_types)
+    if flow_name not in GPU_FLOWS:
+        raise InputError(f"GPU flow {flow_name!r} is not one of {sorted(GPU_FLOWS)}")
     orch = ref.cfg.orchestration
     if orch.dispatch == "local":
-        return gpu_stage(**params)
+        return GPU_FLOWS[flow_name](ref=ref, **params)
+    label = f"{flow_name}-{params['category']}" if "category" in params else flow_name
     # A short lease (renewed while held) frees the slot quickly if a failed dispatch
     # leaves it behind, as was seen when a killed worker's run was marked crashed.
     with concurrency(GPU_CONCURRENCY, occupy=1, lease_duration=LEASE_S):
         run = run_deployment(
-            orch.gpu_deployment,
+            orch.gpu_deployments.for_flow(flow_name),
             parameters={**params, "ref": ref.model_dump(mode="json")},
             timeout=0,
-            flow_run_name=f"{stage}-{category}",
-            tags=["gpu", stage],
+            flow_run_name=label,
+            tags=["gpu", flow_name],
         )
-        get_run_logger().info("dispatched %s for %s to pool %s", run.name, category, orch.work_pool)
+        get_run_logger().info("dispatched %s (%s) to pool %s", run.name, label, orch.work_pool)
         try:
             _wait(run.id, orch.heartbeat_timeout_s, orch.start_timeout_s)
         finally:
             Variable.unset(heartbeat_name(run.id))
-    return stage_outputs(ref, stage, category, anomaly_types)
+    return flow_outputs(ref, flow_name, params)
 
 
 def run_stages(

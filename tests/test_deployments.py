@@ -146,7 +146,7 @@ def _delete_deployments() -> None:
 
 
 def _deployment_runs(**where) -> list:
-    """Flow runs of deployments (not the in-process gpu-stage subflows)."""
+    """Flow runs of deployments (not the in-process GPU subflows)."""
     with _client() as client:
         runs = client.read_flow_runs()
     return [
@@ -194,7 +194,9 @@ def test_both_routes_register_the_same_deployments(routes):
     assert factory["parameters"] == {"profile": None, "config": None, "version": None}
     assert factory["schedules"] == [("0 3 * * 0", "None", "UTC", True)]
     assert factory["pull_steps"] == [{"flows.deploy.enter_factory_home": {}}]
-    assert by_cli["gpu-stage"]["work_pool"] == "cuda" and by_cli["gpu-stage"]["schedules"] == []
+    for name in ("category", "detect"):  # the two GPU flows, on the GPU pool, never scheduled
+        assert by_cli[name]["entrypoint"] == f"flows.gpu.{name}"
+        assert by_cli[name]["work_pool"] == "cuda" and by_cli[name]["schedules"] == []
 
 
 def test_a_deployment_whose_gates_fail_ends_failed_on_the_worker(server, routes, home, worker):

@@ -206,10 +206,10 @@ def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir
     config = workdir / "pipelines.yaml"
     result = _run_factory(workdir, "v1", config)
     assert Path(result["report"]).exists()
-    gpu_runs = _flow_runs("gpu-stage")
-    generate_runs = [r for r in gpu_runs if r.name.startswith("generate-")]
-    assert {r.name for r in generate_runs} == {"generate-nut_demo", "generate-carpet_demo"}
-    for run in gpu_runs:
+    category_runs, detect_runs = _flow_runs("category"), _flow_runs("detect")
+    assert {r.name for r in category_runs} == {"category-nut_demo", "category-carpet_demo"}
+    assert [r.name for r in detect_runs] == ["detect"]  # the second GPU flow, same dispatcher
+    for run in category_runs + detect_runs:
         assert run.state.is_completed(), run.state
         assert run.work_pool_name == "cuda"
         assert run.infrastructure_pid, "the process worker records the PID it ran the flow in"
@@ -225,10 +225,11 @@ def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir
     assert result["report"] in artifacts["factory-run"].data
 
     # rerun with nothing changed: every task of the new factory run is a cache hit
-    before = {r.id for r in _flow_runs("gpu-stage")}
+    before = {r.id for r in _flow_runs("category") + _flow_runs("detect")}
     again = _run_factory(workdir, "v1", config)
     assert again["report"] == result["report"]
-    assert {r.id for r in _flow_runs("gpu-stage")} == before, "no GPU stage ran again"
+    after = {r.id for r in _flow_runs("category") + _flow_runs("detect")}
+    assert after == before, "no GPU flow ran again"
     latest = max(_flow_runs("factory"), key=lambda r: r.start_time)
     states = [t.state.name for t in _task_runs(latest.id)]
     assert states and all(s == "Cached" for s in states), states
@@ -258,7 +259,7 @@ def test_worker_killed_mid_run_is_retried_with_same_outputs(api, deployed, serve
         deadline = time.time() + 600
         while time.time() < deadline and factory.poll() is None:
             running = [
-                r for r in _flow_runs("gpu-stage") if _version(r) == "v2" and r.state.is_running()
+                r for r in _flow_runs("category") if _version(r) == "v2" and r.state.is_running()
             ]
             if running:
                 break
@@ -282,7 +283,7 @@ def test_worker_killed_mid_run_is_retried_with_same_outputs(api, deployed, serve
         kill_tree(factory.pid)
         if replacement is not None:
             kill_tree(replacement.pid)
-    runs = {r.id: r for r in _flow_runs("gpu-stage")}
+    runs = {r.id: r for r in _flow_runs("category")}
     assert runs[killed.id].state.is_crashed(), "the killed run was detected and marked crashed"
     retried = [
         r
@@ -335,7 +336,7 @@ def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_
         )
         runs[workers] = _run_factory(root, f"par{workers}", config)
 
-    stages = [r for r in _flow_runs("gpu-stage") if _version(r) == "par2"]
+    stages = [r for r in _flow_runs("category") if _version(r) == "par2"]
     assert sorted(r.parameters["category"] for r in stages) == ["carpet_demo", "nut_demo"]
     assert all(r.state.is_completed() for r in stages)
     assert max(r.start_time for r in stages) < min(r.end_time for r in stages), (

@@ -40,9 +40,9 @@ def test_bad_input_and_bugs_fail_at_once(exc):
 
 
 def test_the_gpu_flow_does_not_import_its_dispatcher():
-    """The worker side (``flows.gpu_stage``) and the dispatcher share ``tasks.heartbeat``;
+    """The worker side (``flows.gpu``) and the dispatcher share ``tasks.heartbeat``;
     neither imports the other at module level."""
-    code = "import sys, flows.gpu_stage; print('tasks.dispatch' in sys.modules)"
+    code = "import sys, flows.gpu; print('tasks.dispatch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )

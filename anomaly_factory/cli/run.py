@@ -181,7 +181,7 @@ def deploy(
         typer.Option(help="Replace the factory's schedule: every this many seconds", min=1),
     ] = None,
 ) -> None:
-    """Register prefect.yaml's deployments (factory on a schedule, gpu-stage) at PREFECT_API_URL.
+    """Register prefect.yaml's deployments (factory on a schedule; the GPU flows category and detect) at PREFECT_API_URL.
 
     It creates their work pools and the `gpu` concurrency limit first. Without options the deployments are exactly those `prefect --no-prompt deploy --all` makes from the same prefect.yaml (./prefect.yaml, else the packaged copy).
     """

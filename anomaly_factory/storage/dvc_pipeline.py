@@ -56,6 +56,19 @@ PARAMS = {
 }
 
 
+# The code every stage runs besides its own package: the stage functions, the config,
+# the paths, the tables and image IO, the thread rule. A change there re-runs every stage.
+CORE_DEPS = (
+    "anomaly_factory/stages.py",
+    "anomaly_factory/config.py",
+    "anomaly_factory/layout.py",
+    "anomaly_factory/manifest.py",
+    "anomaly_factory/images.py",
+    "anomaly_factory/io.py",
+    "anomaly_factory/threads.py",
+)
+
+
 def categories(cfg: FactoryConfig) -> list[str]:
     """The version's categories, as the config names them (DVC needs them before ingest)."""
     names: list[str] = []
@@ -98,7 +111,7 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
     stages: dict[str, Any] = {
         "ingest": {
             "cmd": cmd("ingest"),
-            "deps": ["anomaly_factory/datasets"],
+            "deps": ["anomaly_factory/datasets", *CORE_DEPS],
             "params": params("ingest"),
             "outs": [
                 *(rel(layout.dataset_manifest(d.name)) for d in cfg.datasets.items),
@@ -109,7 +122,7 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
             "foreach": cats,
             "do": {
                 "cmd": cmd("generate", " --category ${item}"),
-                "deps": [manifest, "anomaly_factory/generators"],
+                "deps": [manifest, "anomaly_factory/generators", *CORE_DEPS],
                 "params": params("generate"),
                 "outs": [
                     # MAGIC's per-type fine-tunes (other generators train none per type)
@@ -124,12 +137,19 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
         },
         "merge": {
             "cmd": cmd("merge"),
-            "deps": pair_dirs,
+            "deps": [*pair_dirs, "anomaly_factory/generators/output.py", *CORE_DEPS],
             "outs": [{pairs: {"cache": False}}],
         },
         "gates": {
             "cmd": cmd("gates"),
-            "deps": [pairs, manifest, "anomaly_factory/gates", "anomaly_factory/metrics"],
+            "deps": [
+                pairs,
+                manifest,
+                "anomaly_factory/gates",
+                "anomaly_factory/metrics",
+                "anomaly_factory/generators/baselines",  # the gates' CutPaste reference
+                *CORE_DEPS,
+            ],
             "params": params("gates"),
             "outs": [
                 {rel(reports / name): {"cache": False}}
@@ -142,11 +162,19 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
         rel(reports / "gates.json"),
         rel(reports / "metrics.json"),
         "anomaly_factory/reports",
+        *CORE_DEPS,
     ]
     if cfg.detector.enabled:
         stages["detect"] = {
             "cmd": cmd("detect"),
-            "deps": [pairs, manifest, rel(reports / "gates.json"), "anomaly_factory/detectors"],
+            "deps": [
+                pairs,
+                manifest,
+                rel(reports / "gates.json"),
+                "anomaly_factory/detectors",
+                "anomaly_factory/generators",  # the baselines it trains beside
+                *CORE_DEPS,
+            ],
             "params": params("detect"),
             "outs": [
                 {rel(reports / name): {"cache": False}}
@@ -168,7 +196,13 @@ def pipeline(cfg: FactoryConfig, root: Path, config_file: str = "pipelines.yaml"
     }
     stages["shards"] = {
         "cmd": cmd("shards"),
-        "deps": [pairs, manifest, rel(reports / "gates.json"), "anomaly_factory/storage"],
+        "deps": [
+            pairs,
+            manifest,
+            rel(reports / "gates.json"),
+            "anomaly_factory/storage",
+            *CORE_DEPS,
+        ],
         "params": params("shards"),
         "outs": [rel(layout.shards / version)],
     }

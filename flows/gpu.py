@@ -1,0 +1,60 @@
+"""The factory's GPU flows, deployed on the ``cuda`` work pool (one worker per GPU).
+
+``category``: per anomaly type of one category, the generator's ``prepare`` (MAGIC: the
+GPP fine-tune and the mask generator) then ``generate`` (masks -> CAMA -> SAG sampling).
+``detect``: the downstream detectors, retrained on the version's pairs and evaluated.
+
+The dispatcher (``tasks.dispatch.dispatch_gpu``) runs either in-process or on the pool;
+:data:`GPU_FLOWS` is the one table of what it can run, and :func:`flow_outputs` says where
+each leaves its results, so a dispatcher that only waited on a worker can return them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from prefect import flow
+
+from anomaly_factory.stages import RunRef
+from tasks.common import configured
+from tasks.heartbeat import Heartbeat
+from tasks.stages import generate_type, prepare_type, run_detectors
+
+
+@flow(name="category", persist_result=True)
+def category(ref: RunRef, category: str, anomaly_types: list[str]) -> list[str]:
+    """Prepare and generate each type of ``category``; returns their pairs manifests.
+
+    It runs in ``ref.root``, the factory's data root, as the factory does: manifests
+    name files relative to it.
+    """
+    with contextlib.chdir(ref.root), Heartbeat():
+        outputs = []
+        for anomaly_type in anomaly_types:
+            checkpoint = configured(prepare_type, ref.cfg)(ref, category, anomaly_type)
+            generate = configured(generate_type, ref.cfg)
+            outputs.append(str(generate(ref, category, anomaly_type, checkpoint)))
+        return outputs
+
+
+@flow(name="detect", persist_result=True)
+def detect(ref: RunRef) -> list[str]:
+    """The downstream detectors of the version; returns their metrics file."""
+    with contextlib.chdir(ref.root), Heartbeat():
+        return [str(configured(run_detectors, ref.cfg)(ref))]
+
+
+GPU_FLOWS: dict[str, Callable[..., list[str]]] = {"category": category, "detect": detect}
+
+
+def flow_outputs(ref: RunRef, name: str, params: dict[str, Any]) -> list[str]:
+    """Where GPU flow ``name`` run with ``params`` leaves its results."""
+    layout = ref.layout
+    if name == "category":
+        return [
+            str(layout.pairs_dir(params["category"], t) / "pairs.parquet")
+            for t in params["anomaly_types"]
+        ]
+    return [str(layout.reports / "detector_metrics.json")]
