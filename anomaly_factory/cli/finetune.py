@@ -26,9 +26,8 @@ def finetune(
 
     from rich.logging import RichHandler
 
-    from anomaly_factory.generators.magic.checkpoints import CheckpointError, read_meta
+    from anomaly_factory.generators.magic.checkpoints import read_meta
     from anomaly_factory.generators.magic.finetune import finetune as run_finetune
-    from anomaly_factory.manifest import ManifestError
 
     cfg = get_config(config, profile)
     if not manifest.is_file():
@@ -36,12 +35,9 @@ def finetune(
     if max_steps is not None and max_steps < 1:
         raise fail(f"--max-steps: {max_steps} is not >= 1")
     logging.basicConfig(level=logging.INFO, handlers=[RichHandler(console=console)], force=True)
-    try:
-        out_dir = run_finetune(
-            cfg, manifest, category, anomaly_type, out, max_steps=max_steps, show_progress=True
-        )
-    except (ManifestError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise fail(exc) from None
+    out_dir = run_finetune(
+        cfg, manifest, category, anomaly_type, out, max_steps=max_steps, show_progress=True
+    )
     meta = read_meta(out_dir) or {}
     console.print(
         f"wrote {out_dir} ({meta.get('save')}, {meta.get('steps')}/{meta.get('target_steps')} "

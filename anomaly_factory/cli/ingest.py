@@ -26,10 +26,6 @@ def ingest(
     """Turn a benchmark dataset into one validated image manifest."""
     from anomaly_factory.datasets.ingest import DATASETS
     from anomaly_factory.datasets.ingest import ingest as run_ingest
-    from anomaly_factory.datasets.layouts import LayoutError
-    from anomaly_factory.datasets.sources import SourceError
-    from anomaly_factory.datasets.split import SplitLeakError
-    from anomaly_factory.datasets.validate import BadInputError
 
     if dataset not in DATASETS:
         raise fail(f"--dataset: {dataset!r} is not one of {list(DATASETS)}")
@@ -37,21 +33,18 @@ def ingest(
         raise fail(f"--on-bad-input: {on_bad_input!r} is not one of ['fail', 'quarantine']")
     cfg = get_config(config, profile)
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
-    try:
-        result = run_ingest(
-            dataset,
-            source,
-            manifest_out,
-            root or cfg.datasets.root,
-            sha256,
-            cats,
-            on_bad_input,
-            cfg.split.fewshot_fraction,
-            cfg.demo,
-            alpha=cfg.datasets.alpha,
-        )
-    except (BadInputError, SourceError, SplitLeakError, LayoutError, ValueError) as exc:
-        raise fail(exc) from None
+    result = run_ingest(
+        dataset,
+        source,
+        manifest_out,
+        root or cfg.datasets.root,
+        sha256,
+        cats,
+        on_bad_input,
+        cfg.split.fewshot_fraction,
+        cfg.demo,
+        alpha=cfg.datasets.alpha,
+    )
     df = result.manifest
     counts = df.groupby(["category", "split"]).size().unstack(fill_value=0)
     console.print(counts.to_string())

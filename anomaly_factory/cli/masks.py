@@ -34,21 +34,16 @@ def masks(
 
     from anomaly_factory.generators.magic.masks import fewshot_masks, mask_source, nearest_iou
     from anomaly_factory.io import save_png
-    from anomaly_factory.manifest import ManifestError, write_parquet
+    from anomaly_factory.manifest import write_parquet
 
     cfg = get_config(config, profile)
     n = n if n is not None else cfg.masks.n_masks
     size = size or cfg.model.resolution
     if n < 1:
         raise fail(f"--n: {n} is not >= 1")
-    try:
-        src = mask_source(
-            cfg.masks, manifest, category, anomaly_type, out / "mask_generator", folder
-        )
-        sampled = src.masks(n, size)
-        train, _ = fewshot_masks(manifest, category, anomaly_type, size)
-    except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise fail(exc) from None
+    src = mask_source(cfg.masks, manifest, category, anomaly_type, out / "mask_generator", folder)
+    sampled = src.masks(n, size)
+    train, _ = fewshot_masks(manifest, category, anomaly_type, size)
     iou = nearest_iou(sampled, train)
     rows = []
     for i, (m, v) in enumerate(zip(sampled, iou, strict=True)):

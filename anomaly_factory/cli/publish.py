@@ -49,14 +49,10 @@ def shards(
     profile: ProfileOpt = None,
 ) -> None:
     """Write webdataset shards, a wids index and the dataset card of one version."""
-    from anomaly_factory.manifest import ManifestError
-    from anomaly_factory.storage.shards import ShardError, write_shards
+    from anomaly_factory.storage.shards import write_shards
 
     cfg = get_config(config, profile)
-    try:
-        index = write_shards(cfg, pairs, manifest, version, reports, out)
-    except (ShardError, ManifestError, ValueError) as exc:
-        raise fail(exc) from None
+    index = write_shards(cfg, pairs, manifest, version, reports, out)
     console.print(f"wrote {index} and {index.parent / 'card.json'}")
 
 

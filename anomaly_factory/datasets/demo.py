@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.io import save_png
 
 Image = np.ndarray
@@ -180,9 +181,9 @@ DEFECTS: dict[str, tuple[DefectMask, tuple[int, int, int], float]] = {
 
 def _check_type(category: str, anomaly_type: str) -> None:
     if category not in NORMALS:
-        raise ValueError(f"unknown demo category {category!r}; known: {sorted(NORMALS)}")
+        raise InputError(f"unknown demo category {category!r}; known: {sorted(NORMALS)}")
     if anomaly_type not in ANOMALY_TYPES[category]:
-        raise ValueError(
+        raise InputError(
             f"{category}: unknown anomaly type {anomaly_type!r}; known: {ANOMALY_TYPES[category]}"
         )
 
@@ -227,11 +228,11 @@ def render_category(
 ) -> tuple[Image, np.ndarray]:
     """One image (HxWx3 uint8) and its defect mask (bool, all False for ``good``)."""
     if category not in NORMALS:
-        raise ValueError(f"unknown demo category {category!r}; known: {sorted(NORMALS)}")
+        raise InputError(f"unknown demo category {category!r}; known: {sorted(NORMALS)}")
     types = ("good", *ANOMALY_TYPES[category])
     code = types.index(anomaly_type) if anomaly_type in types else -1
     if code < 0:
-        raise ValueError(f"{category}: unknown anomaly type {anomaly_type!r}; known: {types}")
+        raise InputError(f"{category}: unknown anomaly type {anomaly_type!r}; known: {types}")
     cat_code = list(NORMALS).index(category)
     rng = np.random.default_rng([seed, cat_code, code, index])
     img, fg = NORMALS[category](size, rng)

@@ -18,6 +18,7 @@ import torch
 from anomaly_factory.config import DetectorSection
 from anomaly_factory.detectors.data import Sample, load_image
 from anomaly_factory.detectors.evaluate import classification_metrics
+from anomaly_factory.errors import InputError
 from anomaly_factory.images import read_mask, read_rgb
 from anomaly_factory.io import sha256_file
 
@@ -35,7 +36,7 @@ def build_classifier(arch: str, n_classes: int, weights: Path | None) -> torch.n
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except (FileNotFoundError, RuntimeError, OSError) as exc:
-            raise ValueError(f"detector.classifier_weights: cannot load {weights}: {exc}") from exc
+            raise InputError(f"detector.classifier_weights: cannot load {weights}: {exc}") from exc
         model.load_state_dict(state)
     model.fc = torch.nn.Linear(model.fc.in_features, n_classes)
     return model
@@ -56,11 +57,11 @@ def _defect_crop(sample: Sample, settings: DetectorSection) -> torch.Tensor:
     from anomaly_factory.gates.pair_checks import defect_crop
 
     if sample.mask_path is None:
-        raise ValueError(f"{sample.image_path}: classifier_input defect_crop needs its mask")
+        raise InputError(f"{sample.image_path}: classifier_input defect_crop needs its mask")
     image = read_rgb(sample.image_path)
     mask = read_mask(sample.mask_path)
     if mask.shape != image.shape[:2]:
-        raise ValueError(
+        raise InputError(
             f"{sample.mask_path}: mask {mask.shape} does not match image "
             f"{sample.image_path} {image.shape[:2]}"
         )
@@ -89,12 +90,12 @@ def train_and_test_classifier(
     """
     classes = sorted({s.anomaly_type for s in generated})
     if len(classes) < 2:
-        raise ValueError(f"classification needs >= 2 anomaly types with pairs; got {classes}")
+        raise InputError(f"classification needs >= 2 anomaly types with pairs; got {classes}")
     index = {c: i for i, c in enumerate(classes)}
     test_anomalies = [s for s in test if s.is_anomalous and s.anomaly_type in index]
     untrained = sorted({s.anomaly_type for s in test if s.is_anomalous} - set(classes))
     if not test_anomalies:
-        raise ValueError(f"classification: no test anomalies of types {classes}")
+        raise InputError(f"classification: no test anomalies of types {classes}")
     x = _inputs(generated, settings)
     y = torch.tensor([index[s.anomaly_type] for s in generated])
     gen = torch.Generator().manual_seed(seed)

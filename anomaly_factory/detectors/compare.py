@@ -30,6 +30,7 @@ from anomaly_factory.detectors.data import (
 from anomaly_factory.detectors.evaluate import LOCALIZATION_METRICS, localization_metrics
 from anomaly_factory.detectors.export import Export
 from anomaly_factory.detectors.localization import predict, train_localizer
+from anomaly_factory.errors import InputError
 from anomaly_factory.io import atomic_write_json
 from anomaly_factory.manifest import write_parquet
 
@@ -59,7 +60,7 @@ def load_test_set(manifest: pd.DataFrame, category: str, size: int) -> TestSet:
     """The real test split of a category at the detectors' resolution."""
     samples = test_samples(manifest, category)
     if not samples:
-        raise ValueError(f"image manifest: category {category!r} has no test images")
+        raise InputError(f"image manifest: category {category!r} has no test images")
     masks = torch.stack([load_mask(s.mask_path, size)[0] for s in samples])
     labels = torch.tensor([s.is_anomalous for s in samples]).int()
     return TestSet(samples, masks, labels)

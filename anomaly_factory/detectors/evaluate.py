@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
+from anomaly_factory.errors import InputError
+
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 LOCALIZATION_METRICS = IMAGE_METRICS + PIXEL_METRICS
@@ -47,13 +49,13 @@ def localization_metrics(
 
     n = len(scores)
     if anomaly_maps.shape != gt_masks.shape or len(gt_labels) != n or anomaly_maps.shape[0] != n:
-        raise ValueError(
+        raise InputError(
             f"shapes differ: maps {tuple(anomaly_maps.shape)}, masks {tuple(gt_masks.shape)}, "
             f"scores {n}, labels {len(gt_labels)}"
         )
     labels = (gt_labels > 0).int()
     if labels.min() == labels.max():
-        raise ValueError(f"test set needs normal and anomalous images; labels are all {labels[0]}")
+        raise InputError(f"test set needs normal and anomalous images; labels are all {labels[0]}")
     batch = SimpleNamespace(
         pred_score=scores.float().flatten(),
         gt_label=labels,
@@ -77,7 +79,7 @@ def classification_metrics(
 ) -> dict[str, float]:
     """Accuracy overall and per anomaly type (``accuracy_<type>``)."""
     if len(predicted) != len(actual) or not actual:
-        raise ValueError(f"need equal, non-empty lists: {len(predicted)} vs {len(actual)}")
+        raise InputError(f"need equal, non-empty lists: {len(predicted)} vs {len(actual)}")
     out = {"accuracy": sum(p == a for p, a in zip(predicted, actual, strict=True)) / len(actual)}
     for cls in classes:
         hits = [p == a for p, a in zip(predicted, actual, strict=True) if a == cls]

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_factory.detectors.data import assert_disjoint, assert_split_integrity
+from anomaly_factory.errors import InputError
 from anomaly_factory.images import read_mask, read_rgb
 from anomaly_factory.io import save_png
 from anomaly_factory.manifest import GOOD, select, write_parquet
@@ -135,7 +136,7 @@ def export_category(
     pair was made from a test image.
     """
     if select(manifest, category).empty:
-        raise ValueError(f"image manifest: no rows for category {category!r}")
+        raise InputError(f"image manifest: no rows for category {category!r}")
     assert_split_integrity(manifest, category)
     export = Export(Path(out_dir), category)
     if export.root.exists():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from anomaly_factory.config import DetectorSection
 from anomaly_factory.detectors.data import Sample, load_image, load_mask
 from anomaly_factory.detectors.evaluate import localization_metrics
+from anomaly_factory.errors import InputError
 
 VALIDATION_METRIC = "pixel_ap"  # threshold-free and sensitive to small defects
 PREDICT_BATCH = 32
@@ -57,7 +58,7 @@ def _stack(samples: list[Sample], size: int) -> tuple[torch.Tensor, torch.Tensor
 def _split(n: int, fraction: float, gen: torch.Generator, what: str) -> tuple[list, list]:
     n_val = max(1, round(n * fraction))
     if n - n_val < 1:
-        raise ValueError(
+        raise InputError(
             f"detector.selection=validation: {n} {what} cannot give a validation share of "
             f"{fraction} and keep one for training"
         )
@@ -107,7 +108,7 @@ def train_localizer(
     from kornia.losses import FocalLoss
 
     if not normals or not anomalies:
-        raise ValueError(
+        raise InputError(
             f"localization needs train normals and anomalies; got {len(normals)} and "
             f"{len(anomalies)}"
         )

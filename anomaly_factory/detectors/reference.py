@@ -24,6 +24,7 @@ from anomaly_factory.config import DetectorSection
 from anomaly_factory.detectors.data import Sample
 from anomaly_factory.detectors.export import Export
 from anomaly_factory.detectors.localization import image_scores
+from anomaly_factory.errors import InputError
 
 
 def build_model(settings: DetectorSection) -> Any:
@@ -42,7 +43,7 @@ def build_model(settings: DetectorSection) -> Any:
         return Padim(pre_processor=Padim.configure_pre_processor(size), **common)
     if settings.reference_model == "patchcore":
         return Patchcore(pre_processor=Patchcore.configure_pre_processor(size), **common)
-    raise ValueError(f"detector.reference_model: {settings.reference_model!r} has no model")
+    raise InputError(f"detector.reference_model: {settings.reference_model!r} has no model")
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from anomaly_factory.detectors.compare import (
 from anomaly_factory.detectors.data import assert_split_integrity, train_normals
 from anomaly_factory.detectors.evaluate import LOCALIZATION_METRICS
 from anomaly_factory.detectors.export import export_category
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.generators.registry import get_generator
 from anomaly_factory.io import atomic_write_json, portable_path, sha256_file
@@ -113,10 +114,10 @@ def run_detectors(cfg: FactoryConfig, pairs_path: Path, manifest_path: Path, out
     manifest = read_images(manifest_path)
     pairs = read_pairs(pairs_path)
     if pairs.empty:
-        raise ValueError(f"{pairs_path}: pairs manifest has no rows")
+        raise InputError(f"{pairs_path}: pairs manifest has no rows")
     unknown = sorted(set(pairs["category"]) - set(manifest["category"]))
     if unknown:
-        raise ValueError(f"{pairs_path}: categories {unknown} are not in {manifest_path}")
+        raise InputError(f"{pairs_path}: categories {unknown} are not in {manifest_path}")
     pairs_sha = sha256_file(pairs_path)
     version = {
         "manifest_sha256": sha256_file(manifest_path),

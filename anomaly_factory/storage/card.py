@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.io import atomic_write_json, atomic_write_text, portable_path, sha256_file
 from anomaly_factory.manifest import read_images
 from anomaly_factory.provenance import code_version
@@ -60,7 +61,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        raise InputError(f"{path}: not valid JSON: {exc}") from exc
 
 
 def read_reports(reports_dir: Path | None) -> dict[str, Any]:

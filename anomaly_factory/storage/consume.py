@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from anomaly_factory.errors import InputError
 from anomaly_factory.storage.card import read_card
 from anomaly_factory.storage.s3 import (
     S3Location,
@@ -44,7 +45,7 @@ def _client() -> Any:
 def s3_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
     """webdataset ``gopen`` handler for ``s3://bucket/key``: a streaming boto3 body."""
     if mode != "rb":
-        raise ValueError(f"{url}: the s3 handler only reads (mode 'rb'), got {mode!r}")
+        raise InputError(f"{url}: the s3 handler only reads (mode 'rb'), got {mode!r}")
     parsed = urlparse(url)
     return _client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
 
@@ -99,7 +100,7 @@ def load_dataset(
 
     check_version(version)
     if split not in (*SPLITS, "all"):
-        raise ValueError(f"split: {split!r} is not one of {[*SPLITS, 'all']}")
+        raise InputError(f"split: {split!r} is not one of {[*SPLITS, 'all']}")
     if (bucket is None and root is None) or prefix is None:
         from anomaly_factory.config import load_config
 
@@ -118,7 +119,7 @@ def load_dataset(
     ]
     if not entries:
         have = sorted({f"{e['dataset']}/{e['category']}" for e in index["shardlist"]})
-        raise ValueError(
+        raise InputError(
             f"version {version}: no shards for dataset={dataset!r} category={category!r}; "
             f"it has {have}"
         )

@@ -46,6 +46,7 @@ from anomaly_factory.config import (
     SchedulerSection,
     TinyModelSection,
 )
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.common import resolve_device, resolve_dtype, resolve_path
 from anomaly_factory.manifest import read_images, select
 
@@ -96,7 +97,7 @@ def build_tokenizer(words: list[str]) -> CLIPTokenizer:
     merges: list[tuple[str, str]] = []
     for word in words:
         if not word or any(c not in chars for c in word):
-            raise ValueError(f"tokenizer word {word!r}: only [a-z0-9] words are supported")
+            raise InputError(f"tokenizer word {word!r}: only [a-z0-9] words are supported")
         pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
@@ -148,7 +149,7 @@ def build_tiny_unet(tiny: TinyModelSection, sample_size: int) -> UNet2DCondition
     if attn is None:
         attn = [True] * (n - 1) + [False] if n > 1 else [True]
     if len(attn) != n:
-        raise ValueError(
+        raise InputError(
             f"model.tiny.unet_cross_attention: {len(attn)} entries for "
             f"{n} levels of model.tiny.unet_channels"
         )
@@ -174,18 +175,18 @@ def _check_tiny(model: ModelSection) -> None:
     for field in ("vae_channels", "unet_channels"):
         for c in getattr(tiny, field):
             if c % tiny.norm_num_groups:
-                raise ValueError(
+                raise InputError(
                     f"model.tiny.{field}: {c} is not divisible by "
                     f"model.tiny.norm_num_groups {tiny.norm_num_groups}"
                 )
     factor = 2 ** (len(tiny.vae_channels) - 1)
     if model.resolution % (factor * 2 ** (len(tiny.unet_channels) - 1)):
-        raise ValueError(
+        raise InputError(
             f"model.resolution: {model.resolution} is not divisible by the VAE and UNet "
             f"downsampling ({factor} x {2 ** (len(tiny.unet_channels) - 1)})"
         )
     if tiny.text_hidden_size != tiny.cross_attention_dim:
-        raise ValueError(
+        raise InputError(
             f"model.tiny.cross_attention_dim: {tiny.cross_attention_dim} must equal "
             f"model.tiny.text_hidden_size {tiny.text_hidden_size}"
         )
@@ -574,7 +575,7 @@ def pretrain_rows(manifest_path: Path, category: str, with_fewshot: bool) -> pd.
     images = read_images(manifest_path)
     train = select(images, category=category, split="train")
     if train.empty:
-        raise ValueError(f"{manifest_path}: no 'train' images for category {category!r}")
+        raise InputError(f"{manifest_path}: no 'train' images for category {category!r}")
     if not with_fewshot:
         return train
     return pd.concat([train, select(images, category=category, split="fewshot")])
@@ -679,7 +680,7 @@ def load_base_pipeline(
     if cfg.model.preset == "sd2_inpainting":
         return from_folder(cfg.model.pretrained, cfg.model, cfg.generate.scheduler)
     if category is None or manifest_path is None:
-        raise ValueError("model.preset 'tiny' needs a category and an image manifest to pretrain")
+        raise InputError("model.preset 'tiny' needs a category and an image manifest to pretrain")
     folder = pretrained_tiny_pipeline(cfg, category, Path(manifest_path))
     return from_folder(folder, cfg.model, cfg.generate.scheduler)
 
@@ -689,5 +690,5 @@ def base_model_id(cfg: FactoryConfig, category: str | None, manifest_path: Path 
     if cfg.model.preset == "sd2_inpainting":
         return cfg.model.pretrained
     if category is None or manifest_path is None:
-        raise ValueError("model.preset 'tiny' needs a category and an image manifest")
+        raise InputError("model.preset 'tiny' needs a category and an image manifest")
     return str(tiny_cache_dir(cfg, category, Path(manifest_path)))

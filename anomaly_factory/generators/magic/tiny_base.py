@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
+from anomaly_factory.errors import InputError
 from anomaly_factory.generators.magic.models import draw_ellipse, draw_stroke
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def verify_digest(folder: Path) -> None:
     hub download is checked against its checksum."""
     actual = weights_digest(folder)
     if actual != folder.name:
-        raise ValueError(
+        raise InputError(
             f"{folder}: weights digest {actual} differs from the folder name; the bundled "
             "tiny base is damaged, rebuild it with scripts/build_tiny_base.py"
         )
@@ -229,14 +230,14 @@ def check_shapes(cfg: FactoryConfig, folder: Path) -> None:
     ours = _shape_fields(cfg)
     diff = sorted(k for k in SHAPE_FIELDS if ours[k] != built.get(k))
     if diff:
-        raise ValueError(
+        raise InputError(
             f"model.tiny.base: 'bundled' was built with other shapes (model.tiny."
             f"{', model.tiny.'.join(diff)} differ, see {folder / RECIPE_FILE}); "
             "set model.tiny.base: scratch for custom shapes"
         )
     token = cfg.finetune.anomaly_token.lower()
     if token not in built["words"]:
-        raise ValueError(
+        raise InputError(
             f"finetune.anomaly_token: {cfg.finetune.anomaly_token!r} is not a word of the bundled "
             f"tiny base's tokenizer ({folder / RECIPE_FILE}); use one of its words or set "
             "model.tiny.base: scratch"
