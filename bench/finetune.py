@@ -135,7 +135,7 @@ def bench_step_vs_plain(
     from diffusers import DDPMScheduler
 
     from anomaly_factory.generators.magic.finetune import encode_fewshot, fewshot_batch_loss
-    from anomaly_factory.generators.magic.models import encode_prompt, latent_mask, masked_inputs
+    from anomaly_factory.generators.magic.training import encode_prompt, latent_mask, masked_inputs
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     sf = pipe.vae.config.scaling_factor

@@ -37,12 +37,12 @@ PROMPT = "a photo of sks defect"
 
 def build_pipeline(preset: str, res: int, device: str):
     from anomaly_factory.config import FactoryConfig
-    from anomaly_factory.generators.magic import models
+    from anomaly_factory.generators.magic import components
 
     cfg = FactoryConfig()
     model = cfg.model.model_copy(update={"resolution": res})
     torch.manual_seed(0)
-    pipe = models.build_tiny_pipeline(model, cfg.finetune, cfg.generate.scheduler)
+    pipe = components.build_tiny_pipeline(model, cfg.finetune, cfg.generate.scheduler)
     if preset == "sd2":
         # SD2-inpainting shapes (865M-parameter UNet, SD VAE), random weights, tiny text encoder
         from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anomaly_factory.generators.magic.components import build_tokenizer
 from anomaly_factory.generators.magic.gpp import (
     anomaly_token_positions,
     gaussian_prompt_perturbation,
 )
-from anomaly_factory.generators.magic.models import build_tokenizer
 
 PROMPT = "a photo of sks defect"
 

@@ -149,7 +149,7 @@ def test_model_tensors_match_the_former_readers(photo):
     import torch
 
     from anomaly_factory.detectors.data import load_image as detector_image
-    from anomaly_factory.generators.magic.models import load_image as sd_image
+    from anomaly_factory.generators.magic.training import load_image as sd_image
 
     pil = Image.open(photo).convert("RGB")
     sd = np.asarray(pil.resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 127.5 - 1.0

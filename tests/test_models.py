@@ -10,12 +10,8 @@ import torch
 
 from anomaly_factory.config import FactoryConfig, ModelSection, TinyModelSection, load_config
 from anomaly_factory.generators.magic import models
-from anomaly_factory.generators.magic.models import (
-    build_tiny_pipeline,
-    build_tokenizer,
-    load_base_pipeline,
-    resolve_device,
-)
+from anomaly_factory.generators.magic.components import build_tiny_pipeline, build_tokenizer
+from anomaly_factory.generators.magic.models import load_base_pipeline, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +190,7 @@ def test_tokenizer_rejects_words_it_cannot_spell():
 
 
 def test_inpaint_masks_mix_boxes_and_thin_strokes():
-    from anomaly_factory.generators.magic.models import random_inpaint_masks
+    from anomaly_factory.generators.magic.pretrain import random_inpaint_masks
 
     masks = random_inpaint_masks(32, 32, 0.5, torch.Generator().manual_seed(0))
     assert masks.shape == (32, 1, 32, 32)
@@ -206,7 +202,7 @@ def test_inpaint_masks_mix_boxes_and_thin_strokes():
 def test_mask_weighted_loss_matches_a_hand_computed_weighting():
     from diffusers import DDPMScheduler
 
-    from anomaly_factory.generators.magic.models import inpainting_loss, latent_mask
+    from anomaly_factory.generators.magic.training import inpainting_loss, latent_mask
 
     torch.manual_seed(0)
     cfg = FactoryConfig()
@@ -239,7 +235,7 @@ def test_mask_weighted_loss_matches_a_hand_computed_weighting():
 
 
 def test_cross_attention_levels_are_chosen_per_level_and_checked():
-    from anomaly_factory.generators.magic.models import build_tiny_unet
+    from anomaly_factory.generators.magic.components import build_tiny_unet
 
     tiny = TinyModelSection(unet_cross_attention=[False, True, False])
     unet = build_tiny_unet(tiny, 16)

@@ -10,8 +10,8 @@ from PIL import Image
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.generators import composite as C
 from anomaly_factory.generators.magic import sampler as S
+from anomaly_factory.generators.magic.components import build_tiny_pipeline
 from anomaly_factory.generators.magic.gpp import anomaly_token_positions
-from anomaly_factory.generators.magic.models import build_tiny_pipeline
 
 RES = 32
 PROMPT = "a photo of sks defect"

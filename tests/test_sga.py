@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.generators.anomalycontrol import sga
-from anomaly_factory.generators.magic.models import build_tiny_pipeline
+from anomaly_factory.generators.magic.components import build_tiny_pipeline
 
 FEATURE_DIM = 32
 

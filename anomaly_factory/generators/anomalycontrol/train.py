@@ -62,7 +62,7 @@ from anomaly_factory.generators.anomalycontrol.sga import (
     load_adapter_weights,
 )
 from anomaly_factory.generators.common import resolve_device
-from anomaly_factory.generators.magic import models
+from anomaly_factory.generators.magic import models, training
 from anomaly_factory.io import atomic_path, atomic_write_json
 from anomaly_factory.manifest import read_images
 
@@ -192,10 +192,10 @@ def prepare_data(
     masks = torch.stack([torch.from_numpy(r.mask > 0)[None] for r in refs]).float().to(device)
     sf = pipe.vae.config.scaling_factor
     latents = pipe.vae.encode(images).latent_dist.mean * sf
-    masked = models.masked_inputs(images, masks.to(dtype))
+    masked = training.masked_inputs(images, masks.to(dtype))
     masked_latents = pipe.vae.encode(masked).latent_dist.mean * sf
     texts = sorted({r.text for r in refs})
-    embeds = {t: models.encode_prompt(pipe, t, 1) for t in texts}
+    embeds = {t: training.encode_prompt(pipe, t, 1) for t in texts}
     features, results = enhanced_features(encoder, refs, ac.asea, ac.cache_dir)
     masses = [(r.mass_before, r.mass_after) for r in results if r is not None]
     if masses:
@@ -206,7 +206,7 @@ def prepare_data(
         masked_latents=masked_latents,
         masks=masks,
         text_embeds=torch.cat([embeds[r.text] for r in refs]),
-        empty_embeds=models.encode_prompt(pipe, "", 1),
+        empty_embeds=training.encode_prompt(pipe, "", 1),
         features=features.to(device, dtype),
     )
 
@@ -241,7 +241,7 @@ def adapter_loss(
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
     t = t.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    m = models.latent_mask(data.masks[idx], latents.shape[-1]).to(latents.dtype)
+    m = training.latent_mask(data.masks[idx], latents.shape[-1]).to(latents.dtype)
     model_input = torch.cat([noisy, m, data.masked_latents[idx]], dim=1)
     text = torch.where(
         drop_text.to(device)[:, None, None], data.empty_embeds, data.text_embeds[idx]

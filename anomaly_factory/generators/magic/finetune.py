@@ -36,16 +36,14 @@ from anomaly_factory.generators.magic.gpp import (
     anomaly_token_positions,
     gaussian_prompt_perturbation,
 )
-from anomaly_factory.generators.magic.models import (
-    _progress,
-    base_model_id,
+from anomaly_factory.generators.magic.models import base_model_id, resolve_device, resolve_path
+from anomaly_factory.generators.magic.pretrain import _progress
+from anomaly_factory.generators.magic.training import (
     encode_prompt,
     inpainting_loss,
     load_image,
     load_mask,
     masked_inputs,
-    resolve_device,
-    resolve_path,
 )
 from anomaly_factory.io import sha256_file
 from anomaly_factory.manifest import read_images, select

@@ -2,7 +2,8 @@
 
 SD2 inpainting comes pretrained; the ``tiny`` preset has to make its own stand-in.
 Two loops serve both the bundled base (``tiny_base.py``, built once offline) and
-the per-category pretraining on a category's normal images (``models.py``):
+the per-category pretraining on a category's normal images (:func:`pretrain_tiny`,
+called by ``models.py``'s cache):
 
 * :func:`train_autoencoder` trains the VAE as a deterministic autoencoder on
   random crops (the encoder's mean is decoded, as SD's VAE is used at sampling
@@ -17,10 +18,19 @@ the per-category pretraining on a category's normal images (``models.py``):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeline
 
+from anomaly_factory.config import TinyModelSection
 from anomaly_factory.generators.magic.precision import cpu_bf16_autocast
+from anomaly_factory.generators.magic.training import (
+    _randn,
+    encode_prompt,
+    inpainting_loss,
+    masked_inputs,
+)
 
 LOGVAR_MIN = -30.0  # diffusers clamps the log-variance here: std = 3e-7
 L1_WEIGHT = 0.1  # a little L1 keeps flat colours exact where MSE tolerates a tint
@@ -205,13 +215,6 @@ def train_inpainting(
     progress=None,
 ) -> float:
     """Teach the UNet to inpaint random masks of ``images`` with ``prompt``; last loss."""
-    from anomaly_factory.generators.magic.models import (
-        encode_prompt,
-        inpainting_loss,
-        masked_inputs,
-        random_inpaint_masks,
-    )
-
     if steps == 0:
         return float("nan")
     vae, unet = pipe.vae, pipe.unet
@@ -242,3 +245,224 @@ def train_inpainting(
             progress.advance(task)
     unet.eval().requires_grad_(False)
     return float(loss.detach())
+
+
+def random_box_masks(
+    n: int, size: int, max_frac: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` random axis-aligned rectangles, (n, 1, size, size) in {0, 1}."""
+    out = torch.zeros(n, 1, size, size)
+    lo = max(1, size // 16)
+    hi = max(lo + 1, int(size * max_frac))
+    for i in range(n):
+        h, w = torch.randint(lo, hi + 1, (2,), generator=generator).tolist()
+        y = int(torch.randint(0, size - h + 1, (1,), generator=generator))
+        x = int(torch.randint(0, size - w + 1, (1,), generator=generator))
+        out[i, :, y : y + h, x : x + w] = 1.0
+    return out
+
+
+def draw_ellipse(canvas: np.ndarray, rng: np.random.Generator, c: tuple[int, int], r: int) -> None:
+    """A filled ellipse of half-axis ``r`` at ``c``, random aspect and angle, drawn as 1s."""
+    import cv2
+
+    axes = (r, max(1, int(r * rng.uniform(0.3, 1.0))))
+    cv2.ellipse(canvas, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+
+
+def draw_stroke(
+    canvas: np.ndarray, rng: np.random.Generator, c: tuple[int, int], r: int, max_width: int
+) -> None:
+    """A brush stroke of 1-4 bending segments of length ``r`` from ``c``, drawn as 1s."""
+    import cv2
+
+    pts = [c]
+    a = rng.uniform(0, 2 * np.pi)
+    for _ in range(int(rng.integers(1, 5))):
+        a += rng.uniform(-1, 1)
+        pts.append((int(pts[-1][0] + r * np.cos(a)), int(pts[-1][1] + r * np.sin(a))))
+    cv2.polylines(canvas, [np.array(pts, np.int32)], False, 1, int(rng.integers(1, max_width + 1)))
+
+
+def random_inpaint_masks(
+    n: int, size: int, max_frac: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` random masks, (n, 1, size, size) in {0, 1}: boxes, ellipses and brush strokes.
+
+    Boxes alone taught the tiny UNet nothing about thin or round regions, which is
+    what the mask generator produces (scratches, cracks, spots).
+    """
+    boxes = random_box_masks(n, size, max_frac, generator)
+    seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator).tolist()
+    for i, seed in enumerate(seeds):
+        rng = np.random.default_rng(seed)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            continue
+        m = np.zeros((size, size), np.uint8)
+        c = (int(rng.integers(size)), int(rng.integers(size)))
+        r = max(2, int(rng.uniform(0.04, max_frac / 2) * size))
+        if kind == 1:
+            draw_ellipse(m, rng, c, r)
+        else:
+            draw_stroke(m, rng, c, r, max_width=4)
+        boxes[i, 0] = torch.from_numpy(m.astype(np.float32))
+    return boxes
+
+
+def pretrain_tiny(
+    pipe: StableDiffusionInpaintPipeline,
+    images: torch.Tensor,
+    tiny: TinyModelSection,
+    device: torch.device,
+    show_progress: bool = False,
+    masks: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Train the autoencoder, then the UNet's inpainting, on a category's normal images.
+
+    Stands in for SD2's pretraining (from random weights, ``base: scratch``) or adapts
+    the bundled base to the category (``base: bundled``: its decoder only, so the
+    latent space stays the one its UNet knows); see ``pretrain.py``. The VAE stays
+    deterministic and its ``scaling_factor`` is 1/std of the latents. ``masks``
+    ((N, 1, H, W), the few-shot defects; zeros for normals) weigh the decoder
+    adaptation by ``pretrain_defect_weight``. Returns the final losses.
+    """
+
+    if tiny.base == "scratch":
+        return _pretrain_from_scratch(pipe, images, tiny, device, show_progress)
+    gen = torch.Generator().manual_seed(tiny.seed)
+    pipe.vae.to(device)
+    pipe.unet.to(device)
+    pipe.text_encoder.to(device)
+    bs = tiny.pretrain_batch_size
+    with _progress(show_progress) as progress:
+        if tiny.base == "scratch":
+            vae_loss = train_autoencoder(
+                pipe.vae,
+                images,
+                tiny.pretrain_vae_steps,
+                tiny.pretrain_lr,
+                bs,
+                tiny.pretrain_crop,
+                gen,
+                progress,
+            )
+            make_deterministic(pipe.vae)
+            set_latent_scale(pipe.vae, images)
+        else:  # the bundled base's latent space is what its UNet knows: adapt the decoder only
+            weights = None
+            if masks is not None and tiny.pretrain_defect_weight != 1.0:
+                weights = defect_weights(masks, tiny.pretrain_defect_weight)
+            vae_loss = adapt_decoder(
+                pipe.vae,
+                images,
+                tiny.pretrain_vae_steps,
+                tiny.pretrain_lr,
+                bs,
+                tiny.pretrain_crop,
+                gen,
+                progress,
+                weights,
+                tiny.pretrain_bf16_autocast,
+            )
+        unet_loss = train_inpainting(
+            pipe,
+            images,
+            tiny.pretrain_unet_steps,
+            tiny.pretrain_lr,
+            bs,
+            tiny.pretrain_mask_max,
+            tiny.pretrain_prompt,
+            gen,
+            progress,
+        )
+    pipe.text_encoder.requires_grad_(False)
+    return {"vae_loss": vae_loss, "unet_loss": unet_loss}
+
+
+def _batch(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(0, len(images), (n,), generator=generator)
+    batch = images[idx]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+
+
+def _pretrain_from_scratch(
+    pipe: StableDiffusionInpaintPipeline,
+    images: torch.Tensor,
+    tiny: TinyModelSection,
+    device: torch.device,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """VAE reconstruction, then UNet inpainting of random boxes on normal images.
+
+    Stands in for SD2's pretraining: the UNet learns to inpaint a category's
+    normal appearance from ``[noisy latents, mask, masked-image latents]``, the
+    same input that MAGIC's fine-tuning and sampler use. Sets the VAE's
+    ``scaling_factor`` to 1/std of the latents, as SD chose 0.18215 for its VAE.
+    Returns the final losses.
+    """
+    gen = torch.Generator().manual_seed(tiny.seed)
+    images = images.to(device)
+    vae, unet = pipe.vae.to(device), pipe.unet.to(device)
+    pipe.text_encoder.to(device)
+    bs = tiny.pretrain_batch_size
+    losses = {"vae_loss": float("nan"), "unet_loss": float("nan")}
+
+    with _progress(show_progress) as progress:
+        opt = torch.optim.AdamW(vae.parameters(), lr=tiny.pretrain_lr)
+        vae.train()
+        task = progress.add_task("pretrain VAE", total=tiny.pretrain_vae_steps)
+        for _ in range(tiny.pretrain_vae_steps):
+            x = _batch(images, bs, gen)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, gen, device)
+            recon = vae.decode(z).sample
+            loss = F.mse_loss(recon, x) + tiny.pretrain_kl_weight * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses["vae_loss"] = float(loss.detach())
+            progress.advance(task)
+        vae.eval().requires_grad_(False)
+
+        with torch.no_grad():
+            std = float(vae.encode(images).latent_dist.mean.std())
+        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+        sf = vae.config.scaling_factor
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        with torch.no_grad():
+            cond = encode_prompt(pipe, tiny.pretrain_prompt, 1)
+        opt = torch.optim.AdamW(unet.parameters(), lr=tiny.pretrain_lr)
+        unet.train()
+        size = images.shape[-1]
+        task = progress.add_task("pretrain UNet", total=tiny.pretrain_unet_steps)
+        for _ in range(tiny.pretrain_unet_steps):
+            x = _batch(images, bs, gen)
+            masks = random_inpaint_masks(bs, size, tiny.pretrain_mask_max, gen).to(device)
+            with torch.no_grad():
+                both = vae.encode(torch.cat([x, masked_inputs(x, masks)])).latent_dist.mean * sf
+            latents, masked_latents = both.chunk(2)
+            loss = inpainting_loss(unet, noise_scheduler, latents, masks, masked_latents, cond, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            losses["unet_loss"] = float(loss.detach())
+            progress.advance(task)
+    unet.eval().requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return losses
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

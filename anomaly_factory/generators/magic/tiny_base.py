@@ -46,7 +46,7 @@ from PIL import Image
 
 from anomaly_factory.config import FactoryConfig
 from anomaly_factory.errors import InputError
-from anomaly_factory.generators.magic.models import draw_ellipse, draw_stroke
+from anomaly_factory.generators.magic.pretrain import draw_ellipse, draw_stroke
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def check_shapes(cfg: FactoryConfig, folder: Path) -> None:
 
 
 def _shape_fields(cfg: FactoryConfig) -> dict:
-    from anomaly_factory.generators.magic.models import tokenizer_words
+    from anomaly_factory.generators.magic.components import tokenizer_words
 
     t = cfg.model.tiny
     out = {k: getattr(t, k) for k in SHAPE_FIELDS}
@@ -264,12 +264,12 @@ def build_base(
 
     Any earlier snapshot under ``root`` is replaced (the new one is complete first).
     """
-    from anomaly_factory.generators.magic import models, pretrain
+    from anomaly_factory.generators.magic import components, pretrain
 
     recipe = recipe or BaseRecipe()
     model = cfg.model.model_copy(update={"resolution": recipe.size})
     torch.manual_seed(recipe.seed)
-    pipe = models.build_tiny_pipeline(model, cfg.finetune, cfg.generate.scheduler)
+    pipe = components.build_tiny_pipeline(model, cfg.finetune, cfg.generate.scheduler)
     data = to_tensor(
         np.concatenate(
             [
@@ -279,7 +279,7 @@ def build_base(
         )
     )
     gen = torch.Generator().manual_seed(recipe.seed)
-    with models._progress(show_progress) as progress:
+    with pretrain._progress(show_progress) as progress:
         vae_loss = pretrain.train_autoencoder(
             pipe.vae,
             data,
