@@ -105,6 +105,7 @@ def pairs_frame():
                 generator="perlin",
                 checkpoint_hash="none",
                 mask_source="perlin",
+                params="{}",
             )
             for column in ("image_path", "mask_path", "normal_path"):
                 path = root / "data" / "pairs" / column / f"k{i}.png"
