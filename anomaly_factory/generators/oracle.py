@@ -110,8 +110,7 @@ class Oracle(Untrained):
     def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
         """Write ``request.n_pairs`` pairs labelled ``request.anomaly_type``; returns
         ``pairs.parquet``."""
-        cfg, manifest_path, out_dir = request.cfg, request.manifest, request.out_dir
-        category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
+        category, anomaly_type = request.category, request.anomaly_type
         if category not in demo.ANOMALY_TYPES:
             raise InputError(
                 f"generator oracle: {category!r} is not a demo category "
@@ -125,23 +124,10 @@ class Oracle(Untrained):
 
         def make(manifest: pd.DataFrame, normals: pd.DataFrame) -> Synthesize:
             del manifest
-            masks = foregrounds(cfg.demo.seed, category, normals)
+            masks = foregrounds(request.cfg.demo.seed, category, normals)
             return lambda normal, rng, seed: oracle_anomaly(
                 category, anomaly_type, normal, masks[_digest(normal)], rng
             )
 
-        # the shared loop resizes normals to model.resolution: make that the native size
-        native = cfg.model_copy(deep=True)
-        native.model.resolution = native_size(Path(manifest_path), category)
-        return generate_baseline_pairs(
-            native,
-            manifest_path,
-            category,
-            anomaly_type,
-            n_pairs,
-            out_dir,
-            GENERATOR,
-            "oracle",
-            make,
-            on_pair,
-        )
+        size = native_size(Path(request.manifest), category)  # the demo's own, not the model's
+        return generate_baseline_pairs(request, GENERATOR, "oracle", make, on_pair, size)

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from anomaly_factory.config import FactoryConfig
 from anomaly_factory.errors import InputError
-from anomaly_factory.generators.base import ProgressFn
+from anomaly_factory.generators.base import GenerationRequest, ProgressFn
 from anomaly_factory.generators.common import pair_seed
 from anomaly_factory.generators.output import (
     is_done,
@@ -42,30 +41,27 @@ def train_normals(manifest: pd.DataFrame, category: str, where: str) -> pd.DataF
 
 
 def generate_baseline_pairs(
-    cfg: FactoryConfig,
-    manifest_path: Path,
-    category: str,
-    anomaly_type: str,
-    n_pairs: int,
-    out_dir: Path,
+    request: GenerationRequest,
     generator: str,
     mask_source: str,
     make_synthesize: Callable[[pd.DataFrame, pd.DataFrame], Synthesize],
     on_pair: ProgressFn | None = None,
+    size: int | None = None,
 ) -> Path:
-    """Write ``n_pairs`` pairs of one (category, label) and rebuild ``pairs.parquet``.
+    """Write ``request.n_pairs`` pairs of one (category, label) and rebuild ``pairs.parquet``.
 
     ``make_synthesize(manifest, normals)`` builds the per-pair function once, so it
     can pre-load what it needs (e.g. texture sources). ``on_pair(done, total)`` is
-    called after every pair.
+    called after every pair. Pairs are made at ``size`` (default ``model.resolution``).
     """
+    cfg, manifest_path, out_dir = request.cfg, request.manifest, Path(request.out_dir)
+    category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
     if n_pairs < 1:
         raise InputError(f"n_pairs: {n_pairs} is not >= 1")
-    out_dir = Path(out_dir)
     manifest = read_images(manifest_path)
     normals = train_normals(manifest, category, str(manifest_path))
     dataset = str(normals["dataset"].iloc[0])
-    size = cfg.model.resolution
+    size = size or cfg.model.resolution
     synthesize = make_synthesize(manifest, normals)
     for index in range(n_pairs):
         key = pair_key(dataset, category, anomaly_type, index)

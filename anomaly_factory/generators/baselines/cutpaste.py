@@ -91,22 +91,11 @@ class CutPaste(Untrained):
     def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
         """Write ``request.n_pairs`` pairs labelled ``request.anomaly_type``; returns
         ``pairs.parquet``."""
-        cfg, manifest_path, out_dir = request.cfg, request.manifest, request.out_dir
-        category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
-        settings = cfg.baselines.cutpaste
+        settings = request.cfg.baselines.cutpaste
         if settings.area_min > settings.area_max:
             raise InputError(
                 f"baselines.cutpaste.area_min: {settings.area_min} is > area_max {settings.area_max}"
             )
         return generate_baseline_pairs(
-            cfg,
-            manifest_path,
-            category,
-            anomaly_type,
-            n_pairs,
-            out_dir,
-            GENERATOR,
-            "cutpaste",
-            _synthesizer(settings),
-            on_pair,
+            request, GENERATOR, "cutpaste", _synthesizer(settings), on_pair
         )

@@ -130,22 +130,11 @@ class Perlin(Untrained):
     def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path:
         """Write ``request.n_pairs`` pairs labelled ``request.anomaly_type``; returns
         ``pairs.parquet``."""
-        cfg, manifest_path, out_dir = request.cfg, request.manifest, request.out_dir
-        category, anomaly_type, n_pairs = request.category, request.anomaly_type, request.n_pairs
-        settings = cfg.baselines.perlin
+        settings = request.cfg.baselines.perlin
         if settings.blend_min > settings.blend_max:
             raise InputError(
                 f"baselines.perlin.blend_min: {settings.blend_min} is > blend_max {settings.blend_max}"
             )
         return generate_baseline_pairs(
-            cfg,
-            manifest_path,
-            category,
-            anomaly_type,
-            n_pairs,
-            out_dir,
-            GENERATOR,
-            "perlin",
-            _synthesizer(settings),
-            on_pair,
+            request, GENERATOR, "perlin", _synthesizer(settings), on_pair
         )

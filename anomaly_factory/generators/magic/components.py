@@ -35,16 +35,20 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def ddim_scheduler(scheduler: SchedulerSection) -> DDIMScheduler:
     """MAGIC's sampler settings (CONTEXT §1): scaled-linear betas, eps, steps_offset 1."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=scheduler.beta_start,
-        beta_end=scheduler.beta_end,
-        beta_schedule=scheduler.beta_schedule,
-        steps_offset=scheduler.steps_offset,
-        prediction_type=scheduler.prediction_type,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
+    return DDIMScheduler(num_train_timesteps=1000, **ddim_settings(scheduler))
+
+
+def ddim_settings(scheduler: SchedulerSection) -> dict[str, object]:
+    """The DDIM settings of ``generate.scheduler`` (SD2's: no clipping, no final alpha 1)."""
+    return {
+        "beta_start": scheduler.beta_start,
+        "beta_end": scheduler.beta_end,
+        "beta_schedule": scheduler.beta_schedule,
+        "steps_offset": scheduler.steps_offset,
+        "prediction_type": scheduler.prediction_type,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+    }
 
 
 def tokenizer_words(finetune: FinetuneSection, tiny: TinyModelSection) -> list[str]:

@@ -37,6 +37,7 @@ from anomaly_factory.generators.common import resolve_device, resolve_dtype, res
 from anomaly_factory.generators.magic.components import (
     _latent_size,
     build_tiny_pipeline,
+    ddim_settings,
     tokenizer_words,
 )
 from anomaly_factory.generators.magic.pretrain import pretrain_tiny
@@ -180,16 +181,7 @@ def from_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.scheduler = DDIMScheduler.from_config(
-        pipe.scheduler.config,
-        beta_start=scheduler.beta_start,
-        beta_end=scheduler.beta_end,
-        beta_schedule=scheduler.beta_schedule,
-        steps_offset=scheduler.steps_offset,
-        prediction_type=scheduler.prediction_type,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ddim_settings(scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
