@@ -273,3 +273,35 @@ def test_the_schedule_creates_runs_and_the_worker_completes_one(server, routes, 
             client.pause_deployment(dep.id)
     gates = json.loads(next((home / "data" / "reports").glob("tiny-*/gates.json")).read_text())
     assert gates["passed"] is True
+
+
+def test_each_gpu_flow_must_have_its_deployment_on_the_configured_pool() -> None:
+    """The factory sends `category` and `detect` to the deployments the config names: a
+    prefect.yaml that lacks one, runs another flow under its name, or puts it on another
+    pool is refused before anything is registered, naming the field."""
+    import copy
+
+    from anomaly_factory.config import FactoryConfig
+    from anomaly_factory.errors import InputError
+    from flows.deploy import check_consistent, read_deployment_file
+
+    spec = read_deployment_file(REPO / "prefect.yaml")
+    cfg = FactoryConfig()
+    check_consistent(cfg, spec)  # the shipped file and the default config agree
+
+    def broken(name: str, **change) -> dict:
+        out = copy.deepcopy(spec)
+        entry = next(d for d in out["deployments"] if d["name"] == name)
+        entry.update(change)
+        return out
+
+    missing = copy.deepcopy(spec)
+    missing["deployments"] = [d for d in spec["deployments"] if d["name"] != "detect"]
+    with pytest.raises(InputError, match=r"gpu_deployments\.detect: 'detect/detect' is not"):
+        check_consistent(cfg, missing)
+    swapped = broken("category", entrypoint="flows.gpu.detect")
+    with pytest.raises(InputError, match=r"gpu_deployments\.category: .* not the 'category'"):
+        check_consistent(cfg, swapped)
+    elsewhere = broken("detect", work_pool={"name": "cpu"})
+    with pytest.raises(InputError, match="orchestration.work_pool: 'cuda' differs"):
+        check_consistent(cfg, elsewhere)
