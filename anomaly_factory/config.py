@@ -922,9 +922,16 @@ class OrchestrationSection(Section):
     )
     local_workers: PositiveInt = Field(
         default=1,
-        description="local dispatch: categories run at once, each in its own process with an "
+        description="local dispatch: GPU runs (categories, or types with fan_out: type) at once, "
+        "each in its own process with an "
         "equal share of the CPU cores (several small models train faster side by side than "
         "one on all cores); 1 runs them in order in the flow's process",
+    )
+    fan_out: Literal["category", "type"] = Field(
+        default="category",
+        description="One GPU run per category (its types in order), or per (category, type) "
+        "after one run per category for what its types share (MAGIC's tiny base model, "
+        "AnomalyControl's adapter): more runs at once on a cluster of GPUs",
     )
     torch_threads: PositiveInt | None = Field(
         default=None,

@@ -113,6 +113,16 @@ def generation_request(ref: RunRef, category: str, anomaly_type: str) -> Generat
     )
 
 
+def prepare_category(ref: RunRef, category: str) -> None:
+    """Train what the category's types share (MAGIC's tiny base adaptation, AnomalyControl's
+    adapter), once; cached, so running it again costs a folder check."""
+    from anomaly_factory.generators.registry import prepare_category as prepare_shared
+    from anomaly_factory.threads import generation_threads, torch_threads
+
+    with torch_threads(generation_threads(ref.cfg)):
+        prepare_shared(ref.cfg.generator, ref.cfg, ref.layout.manifest, category)
+
+
 def prepare(ref: RunRef, category: str, anomaly_type: str) -> Path | None:
     """Train what the generator needs for one type (MAGIC: its fine-tune and mask
     generator; resumes, and returns a finished one as is); None for generators that
@@ -145,7 +155,8 @@ def generate_type(ref: RunRef, category: str, anomaly_type: str, checkpoint: Pat
 
 
 def generate_category(ref: RunRef, category: str, anomaly_types: list[str]) -> list[Path]:
-    """``prepare`` then ``generate_type`` for each type, one after another."""
+    """``prepare_category``, then ``prepare`` and ``generate_type`` for each type in order."""
+    prepare_category(ref, category)
     return [generate_type(ref, category, t, prepare(ref, category, t)) for t in anomaly_types]
 
 

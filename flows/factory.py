@@ -89,23 +89,32 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
     configured(combine_manifests, cfg)(ref, parts)
     done(5)
 
-    # GPU flows: one `category` run per category, fanned out on the work pool
+    # GPU flows: `category` runs fanned out on the work pool, one per category, or one per
+    # (category, type) after one per category for what its types share
     dispatch = configured(dispatch_gpu, cfg)
     jobs = category_types(ref)
     n_types = sum(len(t) for t in jobs.values())
     types_done = 0
     stage("generate", 0, n_types)
-    calls = {
-        c: dict(ref=ref, flow_name="category", params={"category": c, "anomaly_types": t})
-        for c, t in jobs.items()
-    }
-    per_category = []
-    for i, (c, paths) in enumerate(run_stages(cfg, dispatch, calls), 1):
-        per_category.append(paths)
-        types_done += len(jobs[c])
+
+    def category_run(category: str, types: list[str]) -> dict[str, Any]:
+        params = {"category": category, "anomaly_types": types}
+        return dict(ref=ref, flow_name="category", params=params)
+
+    if cfg.orchestration.fan_out == "type":
+        shared = {c: category_run(c, []) for c in jobs}
+        for _ in run_stages(cfg, dispatch, shared):
+            pass
+        calls = {f"{c}/{t}": category_run(c, [t]) for c, types in jobs.items() for t in types}
+    else:
+        calls = {c: category_run(c, t) for c, t in jobs.items()}
+    parts = []
+    for i, (_, paths) in enumerate(run_stages(cfg, dispatch, calls), 1):
+        parts += paths
+        types_done += len(paths)
         stage("generate", types_done, n_types)
-        done(5 + 70 * i / len(jobs))
-    pairs = configured(merge_pairs, cfg)(ref, [p for paths in per_category for p in paths])
+        done(5 + 70 * i / len(calls))
+    pairs = configured(merge_pairs, cfg)(ref, parts)
 
     # quality gates, downstream detectors, report
     stage("gates", 0, 1)

@@ -1,7 +1,10 @@
 """The factory's GPU flows, deployed on the ``cuda`` work pool (one worker per GPU).
 
-``category``: per anomaly type of one category, the generator's ``prepare`` (MAGIC: the
-GPP fine-tune and the mask generator) then ``generate`` (masks -> CAMA -> SAG sampling).
+``category``: what the category's types share (the generator's ``prepare_category``), then
+per anomaly type given, the generator's ``prepare`` (MAGIC: the GPP fine-tune and the mask
+generator) and ``generate`` (masks -> CAMA -> SAG sampling). The factory sends it one
+category with all its types, or (``orchestration.fan_out: type``) one type at a time,
+after a run per category with no types for the shared part.
 ``detect``: the downstream detectors, retrained on the version's pairs and evaluated.
 
 The dispatcher (``tasks.dispatch.dispatch_gpu``) runs either in-process or on the pool;
@@ -20,17 +23,18 @@ from prefect import flow
 from anomaly_factory.stages import RunRef
 from tasks.common import configured
 from tasks.heartbeat import Heartbeat
-from tasks.stages import generate_type, prepare_type, run_detectors
+from tasks.stages import generate_type, prepare_category, prepare_type, run_detectors
 
 
 @flow(name="category", persist_result=True)
 def category(ref: RunRef, category: str, anomaly_types: list[str]) -> list[str]:
-    """Prepare and generate each type of ``category``; returns their pairs manifests.
+    """Prepare ``category``, then each of ``anomaly_types``; returns their pairs manifests.
 
     It runs in ``ref.root``, the factory's data root, as the factory does: manifests
     name files relative to it.
     """
     with contextlib.chdir(ref.root), Heartbeat():
+        configured(prepare_category, ref.cfg)(ref, category)
         outputs = []
         for anomaly_type in anomaly_types:
             checkpoint = configured(prepare_type, ref.cfg)(ref, category, anomaly_type)

@@ -86,7 +86,7 @@ def dispatch_gpu(ref: RunRef, flow_name: str, params: dict[str, Any]) -> list[st
     orch = ref.cfg.orchestration
     if orch.dispatch == "local":
         return GPU_FLOWS[flow_name](ref=ref, **params)
-    label = f"{flow_name}-{params['category']}" if "category" in params else flow_name
+    label = "-".join([flow_name, *_label_parts(params)])
     # A short lease (renewed while held) frees the slot quickly if a failed dispatch
     # leaves it behind, as was seen when a killed worker's run was marked crashed.
     with concurrency(GPU_CONCURRENCY, occupy=1, lease_duration=LEASE_S):
@@ -103,6 +103,17 @@ def dispatch_gpu(ref: RunRef, flow_name: str, params: dict[str, Any]) -> list[st
         finally:
             Variable.unset(heartbeat_name(run.id))
     return flow_outputs(ref, flow_name, params)
+
+
+def _label_parts(params: dict[str, Any]) -> list[str]:
+    """What names a GPU run beside its flow: ``category-nut_demo`` (all its types),
+    ``category-nut_demo-rust`` (one type), ``category-nut_demo-shared`` (none)."""
+    if "category" not in params:
+        return []
+    types = params.get("anomaly_types")
+    if types is not None and len(types) == 1:
+        return [params["category"], types[0]]
+    return [params["category"], "shared"] if types == [] else [params["category"]]
 
 
 def run_stages(

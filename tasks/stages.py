@@ -30,6 +30,12 @@ def combine_manifests(ref: RunRef, parts: list[str]) -> str:
     return str(stages.combine_manifests(ref, [Path(p) for p in parts]))
 
 
+@task(name="prepare-category", cache_policy=CACHE, persist_result=True)
+def prepare_category(ref: RunRef, category: str) -> None:
+    """What the category's types share (MAGIC's tiny base adaptation; cached)."""
+    stages.prepare_category(ref, category)
+
+
 @task(name="finetune", cache_policy=CACHE, persist_result=True)
 def prepare_type(ref: RunRef, category: str, anomaly_type: str) -> str | None:
     """The generator's per-type training (MAGIC's DreamBooth fine-tune; resumes)."""

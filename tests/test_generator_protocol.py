@@ -52,6 +52,9 @@ class Toy:
     name = "toy"
     fewshot_typed = True
 
+    def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None:
+        """Nothing is shared between the toy's types."""
+
     def prepare(self, request: GenerationRequest) -> Path | None:
         out = Path(request.train_dir) / "toy.json"
         if out.is_file():

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from anomaly_factory.config import deep_merge, read_config_file
+from anomaly_factory.datasets.demo import ANOMALY_TYPES
 from anomaly_factory.io import sha256_file
 from tests.conftest import REPO
 from tests.prefect_services import BIN, PrefectServer, kill_tree
@@ -323,16 +324,21 @@ def test_failed_gate_exits_nonzero_and_keeps_outputs(api, tmp_path, monkeypatch)
 def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_path):
     """``orchestration.local_workers: 2``: the two categories' GPU stages run at once, in
     two processes reporting to the factory's own Prefect API, and make the same pairs,
-    byte for byte, as the same config run one category after another."""
+    byte for byte, as the same config run one category after another; and so do the four
+    (category, type) runs of ``fan_out: type``, after one shared run per category."""
     runs = {}
-    for workers in (1, 2):
+    for workers, fan_out in ((1, "category"), (2, "category"), ("t", "type")):
         root = tmp_path / f"w{workers}"
         root.mkdir()
-        # the same torch threads in both (by default a share of the cores per worker)
+        # the same torch threads in all (by default a share of the cores per worker)
         config = write_config(
             root / "pipelines.yaml",
             detector={"enabled": False},
-            orchestration={"local_workers": workers, "torch_threads": 1},
+            orchestration={
+                "local_workers": 2 if workers == "t" else workers,
+                "torch_threads": 1,
+                "fan_out": fan_out,
+            },
         )
         runs[workers] = _run_factory(root, f"par{workers}", config)
 
@@ -343,6 +349,19 @@ def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_
         "the categories ran one after the other"
     )
 
+    per_type = [r for r in _flow_runs("category") if _version(r) == "part"]
+    assert all(r.state.is_completed() for r in per_type)
+    names = sorted(r.name for r in per_type)
+    assert names == sorted(
+        [f"category-{c}-shared" for c in ("carpet_demo", "nut_demo")]
+        + [f"category-{c}-{t}" for c in ("carpet_demo", "nut_demo") for t in ANOMALY_TYPES[c]]
+    ), names
+    typed = [r for r in per_type if not r.name.endswith("-shared")]
+    shared = [r for r in per_type if r.name.endswith("-shared")]
+    assert max(r.end_time for r in shared) <= min(r.start_time for r in typed)  # shared first
+    starts = sorted(r.start_time for r in typed)
+    assert starts[1] < min(r.end_time for r in typed), "the types ran one after the other"
+
     pairs = {w: _tree_hashes(tmp_path / f"w{w}" / "data" / "pairs" / f"par{w}") for w in runs}
     assert len(pairs[1]) == 2 * 2 * 3 * 3  # categories x types x pairs x (normal, image, mask)
-    assert pairs[2] == pairs[1]
+    assert pairs[2] == pairs[1] and pairs["t"] == pairs[1]

@@ -7,8 +7,10 @@ One folder, one registry line, one config section; nothing else in the factory c
 (``tests/test_generator_protocol.py`` follows these steps with a toy generator):
 
 1. **A folder** ``anomaly_factory/generators/<name>/`` with a class that has ``name``,
-   ``fewshot_typed`` and the two methods of :class:`.base.Generator`:
+   ``fewshot_typed`` and the methods of :class:`.base.Generator`:
 
+   * ``prepare_category(cfg, manifest, category)``: train what the category's types
+     share, cached (a no-op when they share nothing);
    * ``prepare(request) -> Path | None``: train what a type needs into
      ``request.train_dir`` (or the generator's own cache), return a finished training as
      is and resume an interrupted one; None when nothing is learned (subclass

@@ -3,6 +3,11 @@
 A generator is an object with a ``name`` and two methods, both given one
 :class:`GenerationRequest` (which run, which category and type, how many pairs, where):
 
+``prepare_category(cfg, manifest, category) -> None``
+    Train what every type of the category shares (MAGIC's tiny preset: the category's
+    adaptation of the base model; AnomalyControl: the category's adapter), cached. The
+    factory runs it once per category before the types, so that types prepared side
+    by side (``orchestration.fan_out: type``) do not each redo it.
 ``prepare(request) -> Path | None``
     Train what the type needs (MAGIC: its GPP fine-tune and its mask generator;
     AnomalyControl: its adapter), cached and resumable: a finished training is returned
@@ -67,6 +72,8 @@ class Generator(Protocol):
     # an error (AnomalyControl may transfer a type to a new category: False).
     fewshot_typed: bool
 
+    def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None: ...
+
     def prepare(self, request: GenerationRequest) -> Path | None: ...
 
     def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path: ...
@@ -76,6 +83,9 @@ class Untrained:
     """Base of generators that learn nothing: ``prepare`` returns None."""
 
     fewshot_typed = True
+
+    def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None:
+        return None
 
     def prepare(self, request: GenerationRequest) -> Path | None:
         return None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # config.py reads GENERATORS: no import of the config here
+    from anomaly_factory.config import FactoryConfig
     from anomaly_factory.generators.base import GenerationRequest, Generator, ProgressFn
 
 GENERATORS: dict[str, str] = {
@@ -38,6 +39,11 @@ def get_generator(name: str) -> Generator:
     if not isinstance(generator, Generator):
         raise InputError(f"generator: {GENERATORS[name]} does not follow generators.base.Generator")
     return generator
+
+
+def prepare_category(name: str, cfg: FactoryConfig, manifest: Path, category: str) -> None:
+    """What the types of ``category`` share, trained once (cached) by generator ``name``."""
+    get_generator(name).prepare_category(cfg, manifest, category)
 
 
 def prepare_generator(name: str, request: GenerationRequest) -> Path | None:

@@ -411,6 +411,12 @@ class AnomalyControl:
     name = GENERATOR
     fewshot_typed = False  # a type may be transferred to a category that lacks it
 
+    def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None:
+        """The category's adapter (its types share it), trained once into its cache."""
+        from anomaly_factory.generators.anomalycontrol.train import train_adapter
+
+        train_adapter(cfg, Path(manifest), category)
+
     def prepare(self, request: GenerationRequest) -> Path | None:
         """The category's adapter (SGA), trained once into its cache folder and resumed
         there (``anomalycontrol.out_dir``); a given ``request.checkpoint`` as is."""

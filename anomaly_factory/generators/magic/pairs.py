@@ -376,6 +376,14 @@ class Magic:
     name = GENERATOR_NAME
     fewshot_typed = True
 
+    def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None:
+        """The tiny preset's adaptation of the bundled base to the category (cached); SD2
+        needs none."""
+        if cfg.model.preset == "tiny":
+            from anomaly_factory.generators.magic.models import pretrained_tiny_pipeline
+
+            pretrained_tiny_pipeline(cfg, category, Path(manifest))
+
     def prepare(self, request: GenerationRequest) -> Path | None:
         """The type's GPP fine-tune into ``request.train_dir`` (None: no fine-tune, the
         base pipeline; a given ``request.checkpoint`` is used as is), and its mask
