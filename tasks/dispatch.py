@@ -106,8 +106,15 @@ def dispatch_gpu(ref: RunRef, flow_name: str, params: dict[str, Any]) -> list[st
 
 
 def _label_parts(params: dict[str, Any]) -> list[str]:
-    """What names a GPU run beside its flow: ``category-nut_demo`` (all its types),
-    ``category-nut_demo-rust`` (one type), ``category-nut_demo-shared`` (none)."""
+    """What names a GPU run on the pool beside its flow's name.
+
+    >>> _label_parts({"category": "nut", "anomaly_types": ["rust", "scratch"]})
+    ['nut']
+    >>> _label_parts({"category": "nut", "anomaly_types": ["rust"]})
+    ['nut', 'rust']
+    >>> _label_parts({"category": "nut", "anomaly_types": []}), _label_parts({})
+    (['nut', 'shared'], [])
+    """
     if "category" not in params:
         return []
     types = params.get("anomaly_types")

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "anomaly_factory"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("anomaly_factory", "tasks", "flows")  # the package and its orchestration layer
 
 
 def modules_with_examples() -> list[str]:
     names = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py")):
         if ">>>" in path.read_text(encoding="utf-8"):
-            parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+            parts = path.relative_to(REPO).with_suffix("").parts
             names.append(".".join(p for p in parts if p != "__init__"))
     return names
 

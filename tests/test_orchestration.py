@@ -351,13 +351,13 @@ def test_local_workers_run_categories_side_by_side_with_the_same_bytes(api, tmp_
 
     per_type = [r for r in _flow_runs("category") if _version(r) == "part"]
     assert all(r.state.is_completed() for r in per_type)
-    names = sorted(r.name for r in per_type)
-    assert names == sorted(
-        [f"category-{c}-shared" for c in ("carpet_demo", "nut_demo")]
-        + [f"category-{c}-{t}" for c in ("carpet_demo", "nut_demo") for t in ANOMALY_TYPES[c]]
-    ), names
-    typed = [r for r in per_type if not r.name.endswith("-shared")]
-    shared = [r for r in per_type if r.name.endswith("-shared")]
+    jobs = sorted((r.parameters["category"], *r.parameters["anomaly_types"]) for r in per_type)
+    assert jobs == sorted(
+        [(c,) for c in ("carpet_demo", "nut_demo")]  # the shared part of each category
+        + [(c, t) for c in ("carpet_demo", "nut_demo") for t in ANOMALY_TYPES[c]]
+    ), jobs
+    typed = [r for r in per_type if r.parameters["anomaly_types"]]
+    shared = [r for r in per_type if not r.parameters["anomaly_types"]]
     assert max(r.end_time for r in shared) <= min(r.start_time for r in typed)  # shared first
     starts = sorted(r.start_time for r in typed)
     assert starts[1] < min(r.end_time for r in typed), "the types ran one after the other"
