@@ -962,10 +962,32 @@ class OrchestrationSection(Section):
         return data
 
 
+class StoreSection(Section):
+    """How a store data root (``data_root: s3://…``) is mirrored; see ``storage/store.py``."""
+
+    sync_every_s: Positive = Field(
+        default=60,
+        description="A GPU run pushes what it has made (fine-tune resume states, pairs) this "
+        "often, so a retry on another machine resumes from it",
+    )
+
+
+# Where the files live, not what they are: a version's name and bytes are the same in any
+# store (the two-worker test checks it), so these stay out of the config hash.
+LOCATION_FIELDS = {"profile", "data_root", "store"}
+
+
 class FactoryConfig(Section):
     """The resolved configuration of one run (one profile)."""
 
     profile: str = DEFAULT_PROFILE
+    data_root: str | None = Field(
+        default=None,
+        description="Where the run's data/ lives: null is the working directory; a folder, "
+        "or an fsspec URL such as s3://bucket/prefix (credentials: the standard AWS "
+        "mechanisms); `anomaly-factory run --data-root` overrides it",
+    )
+    store: StoreSection = Field(default_factory=StoreSection)
     seed: int = 0
     generator: GeneratorName = "magic"
     datasets: DatasetsSection = Field(default_factory=DatasetsSection)
@@ -1043,8 +1065,9 @@ class FactoryConfig(Section):
         return self
 
     def hash(self) -> str:
-        """Stable hash of the resolved values (excluding the profile name)."""
-        data = self.model_dump(mode="json", exclude={"profile"})
+        """Stable hash of the resolved values (excluding the profile name and where the
+        files live: :data:`LOCATION_FIELDS`)."""
+        data = self.model_dump(mode="json", exclude=LOCATION_FIELDS)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -10,6 +10,7 @@ paths; relative paths in manifests are relative to ``ref.root``, so run them the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,6 +18,9 @@ from anomaly_factory.config import FactoryConfig
 from anomaly_factory.gates.decide import GateSummary
 from anomaly_factory.generators.base import GenerationRequest
 from anomaly_factory.layout import RunLayout, default_version
+
+if TYPE_CHECKING:
+    from anomaly_factory.storage.store import Store
 
 # The stages in order, as `anomaly-factory stage` and dvc.yaml name them.
 STAGES = ("ingest", "generate", "merge", "gates", "detect", "report", "shards", "publish")
@@ -28,13 +32,15 @@ class RunRef(BaseModel):
     One typed value that every task and GPU flow takes (Prefect hashes it into their
     cache keys and sends it to workers as JSON). ``code`` (``provenance.code_hash()``) is
     not read by the stages: it is in the cache key, so that changed code re-runs them.
+    ``root`` is a local folder, or a store URL (``s3://bucket/prefix``): then every
+    machine works in its own cache of it (:attr:`workspace`) and the flows pull and push.
     """
 
     model_config = ConfigDict(frozen=True)
 
     cfg: FactoryConfig
     version: str
-    root: Path
+    root: str
     code: str = ""
 
     @classmethod
@@ -42,13 +48,27 @@ class RunRef(BaseModel):
         cls, cfg: FactoryConfig, version: str | None, root: Path | str, code: str = ""
     ) -> RunRef:
         """``version`` None is the config's default name (``<profile>-<hash>``)."""
-        return cls(
-            cfg=cfg, version=version or default_version(cfg), root=Path(root).resolve(), code=code
-        )
+        from anomaly_factory.storage.store import is_url
+
+        root = str(root).rstrip("/") if is_url(root) else str(Path(root).resolve())
+        return cls(cfg=cfg, version=version or default_version(cfg), root=root, code=code)
+
+    @property
+    def store(self) -> Store | None:
+        """The store of a URL data root (this machine's cache of it), else None."""
+        from anomaly_factory.storage.store import Store, is_url
+
+        return Store.at(self.root) if is_url(self.root) else None
+
+    @property
+    def workspace(self) -> Path:
+        """The local folder the stages read and write: the data root, or its cache."""
+        store = self.store
+        return store.workspace if store is not None else Path(self.root)
 
     @property
     def layout(self) -> RunLayout:
-        return RunLayout(self.cfg, self.version, self.root)
+        return RunLayout(self.cfg, self.version, self.workspace)
 
 
 def ingest(ref: RunRef, dataset_index: int) -> Path:
@@ -121,6 +141,15 @@ def prepare_category(ref: RunRef, category: str) -> None:
 
     with torch_threads(generation_threads(ref.cfg)):
         prepare_shared(ref.cfg.generator, ref.cfg, ref.layout.manifest, category)
+
+
+def shared_dirs(ref: RunRef, category: str) -> list[Path]:
+    """The folders ``prepare_category`` writes (the workspace's, absolute)."""
+    from anomaly_factory.generators.registry import shared_dirs as generator_dirs
+
+    layout = ref.layout
+    dirs = generator_dirs(ref.cfg.generator, ref.cfg, layout.manifest, category)
+    return [d if d.is_absolute() else ref.workspace / d for d in dirs]
 
 
 def prepare(ref: RunRef, category: str, anomaly_type: str) -> Path | None:
@@ -227,4 +256,4 @@ def publish(ref: RunRef) -> str:
     """Upload the version to S3 (+ dvc push, git tag); returns its URI."""
     from anomaly_factory.storage.publish import publish_version
 
-    return publish_version(ref.cfg, ref.version, workspace=ref.root).uri
+    return publish_version(ref.cfg, ref.version, workspace=ref.workspace).uri

@@ -21,10 +21,12 @@ from prefect.artifacts import (
 )
 
 from anomaly_factory import progress
-from anomaly_factory.config import FactoryConfig, load_config
+from anomaly_factory.config import load_config
 from anomaly_factory.errors import GatesFailed
 from anomaly_factory.provenance import code_hash
 from anomaly_factory.stages import RunRef, category_types
+from anomaly_factory.storage.store import is_url
+from flows.gpu import entered
 from tasks.common import configured
 from tasks.dispatch import dispatch_gpu, run_stages
 from tasks.stages import (
@@ -49,22 +51,33 @@ def factory(
     """Produce one dataset version; returns where its report and shards are.
 
     ``profile`` None is the profile ``pipelines.yaml`` names (else ``tiny``); ``root``
-    None is the working directory (a worker's ``ANOMALY_FACTORY_HOME``). A version whose
-    gates fail keeps every output and ends the run Failed (``VersionFailedGates``).
+    None is the config's ``data_root``, else the working directory (a worker's
+    ``ANOMALY_FACTORY_HOME``). A store URL (``s3://bucket/prefix``) works in this
+    machine's cache of it and leaves every output in the store. A version whose gates
+    fail keeps every output and ends the run Failed (``VersionFailedGates``).
     """
-    root = str(Path(root or os.getcwd()).resolve())
-    # Manifests, cards and reports name files relative to the data root (the working
+    if root is None or not is_url(root):  # the config is read in the data root, as before
+        with contextlib.chdir(Path(root or os.getcwd()).resolve()):
+            cfg = load_config(config, profile, overrides)
+    else:
+        cfg = load_config(config, profile, overrides)
+    ref = RunRef.make(cfg, version, root or cfg.data_root or os.getcwd(), code_hash())
+    # Manifests, cards and reports name files relative to the workspace (the working
     # directory): in it, every route writes the same portable paths.
-    with contextlib.chdir(root):
-        return _produce(load_config(config, profile, overrides), version, root)
+    with entered(ref):
+        return _produce(ref)
 
 
-def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, Any]:
+def _produce(ref: RunRef) -> dict[str, Any]:
     logger = get_run_logger()
-    ref = RunRef.make(cfg, version, root, code_hash())
-    version, layout = ref.version, ref.layout
+    cfg, version, layout = ref.cfg, ref.version, ref.layout
     logger.info(
-        "factory %s: profile %s, config %s, code %s", version, cfg.profile, cfg.hash(), ref.code
+        "factory %s: profile %s, config %s, code %s, data root %s",
+        version,
+        cfg.profile,
+        cfg.hash(),
+        ref.code,
+        ref.root,
     )
 
     artifact = create_progress_artifact(
@@ -145,6 +158,7 @@ def _produce(cfg: FactoryConfig, version: str | None, root: str) -> dict[str, An
 
     result = {
         "version": version,
+        "data_root": ref.root,
         "passed": gates.passed,
         "types": gates.types,
         "report": report,

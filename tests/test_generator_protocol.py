@@ -55,6 +55,9 @@ class Toy:
     def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None:
         """Nothing is shared between the toy's types."""
 
+    def shared_dirs(self, cfg: FactoryConfig, manifest: Path, category: str) -> list[Path]:
+        return []
+
     def prepare(self, request: GenerationRequest) -> Path | None:
         out = Path(request.train_dir) / "toy.json"
         if out.is_file():

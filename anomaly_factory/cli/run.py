@@ -79,6 +79,8 @@ def _summary(result: dict, log: Path, table: str | None = None) -> None:
     for line in (table or "").splitlines()[1:]:
         style = "red" if " FAIL " in line else ""
         grid.add_row("", Text(line.strip(), style=style, no_wrap=True, overflow="ellipsis"))
+    if result.get("data_root"):
+        grid.add_row("data root", result["data_root"])
     grid.add_row("report", portable_path(result["report"]))
     grid.add_row("shards", shards)
     if result.get("published"):
@@ -94,16 +96,26 @@ def run(
         str | None, typer.Option(help="Dataset version (default: <profile>-<config hash>)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show the live display")] = True,
+    data_root: Annotated[
+        str | None,
+        typer.Option(
+            "--data-root",
+            help="Where data/ lives: a folder or s3://bucket/prefix (default: the config's "
+            "data_root, else the working directory); a store is worked on through a local "
+            "cache ($ANOMALY_FACTORY_CACHE)",
+        ),
+    ] = None,
 ) -> None:
     _quiet_prefect()
     from anomaly_factory import progress as run_progress
     from anomaly_factory.cli._display import RunDisplay, RunOutput, stop_on_signals
     from anomaly_factory.io import portable_path
-    from anomaly_factory.layout import RunLayout, default_version
+    from anomaly_factory.stages import RunRef
 
     cfg = get_config(config, profile)
-    version = version or default_version(cfg)
-    layout = RunLayout(cfg, version, Path.cwd())  # checks the version name (exit 2)
+    root = data_root or cfg.data_root or str(Path.cwd())
+    ref = RunRef.make(cfg, version, root)  # checks the version name (exit 2)
+    version, layout = ref.version, ref.layout
     log = layout.run_log
     run_progress.clear(layout.progress)  # the display shows this run, not the last one
     with RunOutput(log, verbose=_verbose()):
@@ -132,7 +144,7 @@ def run(
                     profile=cfg.profile,
                     config=str(config) if config else None,
                     version=version,
-                    root=str(Path.cwd()),
+                    root=ref.root,
                 )
         except GatesFailed as exc:
             outputs = getattr(exc, "result", None)

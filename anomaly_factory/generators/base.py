@@ -74,6 +74,11 @@ class Generator(Protocol):
 
     def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None: ...
 
+    def shared_dirs(self, cfg: FactoryConfig, manifest: Path, category: str) -> list[Path]:
+        """The folders ``prepare_category`` writes: a store data root keeps them, so the
+        category's per-type runs on other machines reuse them."""
+        ...
+
     def prepare(self, request: GenerationRequest) -> Path | None: ...
 
     def generate(self, request: GenerationRequest, on_pair: ProgressFn | None = None) -> Path: ...
@@ -86,6 +91,9 @@ class Untrained:
 
     def prepare_category(self, cfg: FactoryConfig, manifest: Path, category: str) -> None:
         return None
+
+    def shared_dirs(self, cfg: FactoryConfig, manifest: Path, category: str) -> list[Path]:
+        return []
 
     def prepare(self, request: GenerationRequest) -> Path | None:
         return None

@@ -46,6 +46,11 @@ def prepare_category(name: str, cfg: FactoryConfig, manifest: Path, category: st
     get_generator(name).prepare_category(cfg, manifest, category)
 
 
+def shared_dirs(name: str, cfg: FactoryConfig, manifest: Path, category: str) -> list[Path]:
+    """The folders ``prepare_category`` of generator ``name`` writes for ``category``."""
+    return get_generator(name).shared_dirs(cfg, manifest, category)
+
+
 def prepare_generator(name: str, request: GenerationRequest) -> Path | None:
     """The prepare stage: generator ``name``'s training for the request's type (cached)."""
     generator = get_generator(name)

@@ -417,6 +417,11 @@ class AnomalyControl:
 
         train_adapter(cfg, Path(manifest), category)
 
+    def shared_dirs(self, cfg: FactoryConfig, manifest: Path, category: str) -> list[Path]:
+        """None kept in a store: the adapter's folder is named by the BLIP-2 weights' hash,
+        known only once they are loaded, so each machine trains (and caches) its own."""
+        return []
+
     def prepare(self, request: GenerationRequest) -> Path | None:
         """The category's adapter (SGA), trained once into its cache folder and resumed
         there (``anomalycontrol.out_dir``); a given ``request.checkpoint`` as is."""

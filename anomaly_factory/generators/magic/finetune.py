@@ -201,6 +201,7 @@ def finetune(
         gen.set_state(state.rng)
         step = state.step
         log.info("%s: resuming at step %d", out_dir, step)
+    resumed_from = step
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     sf = pipe.vae.config.scaling_factor
@@ -248,6 +249,7 @@ def finetune(
         "preset": cfg.model.preset,
         "config_hash": key,
         "steps": step,
+        "resumed_from": resumed_from,  # this call trained steps - resumed_from
         "target_steps": target_steps,
         "complete": step >= target_steps,
         "sigma": ft.gpp.sigma,

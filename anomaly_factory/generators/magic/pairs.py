@@ -384,6 +384,13 @@ class Magic:
 
             pretrained_tiny_pipeline(cfg, category, Path(manifest))
 
+    def shared_dirs(self, cfg: FactoryConfig, manifest: Path, category: str) -> list[Path]:
+        if cfg.model.preset != "tiny":
+            return []
+        from anomaly_factory.generators.magic.models import tiny_cache_dir
+
+        return [tiny_cache_dir(cfg, category, Path(manifest))]
+
     def prepare(self, request: GenerationRequest) -> Path | None:
         """The type's GPP fine-tune into ``request.train_dir`` (None: no fine-tune, the
         base pipeline; a given ``request.checkpoint`` is used as is), and its mask
