@@ -28,6 +28,7 @@ S3-compatible endpoint. Nothing here logs or stores a credential.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -44,9 +45,9 @@ from anomaly_factory.errors import InputError
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "ANOMALY_FACTORY_CACHE"  # where a machine keeps its copies of stores
-# s3fs uploads a file above this size in parts of this size (its default block size),
-# which is what its multipart ETag is made of
-S3_PART_SIZE = 50 * 2**20
+# Uploads of at least two parts of this size go up in parts (s3fs's rule), and S3's ETag
+# of such an object is made of the parts' MD5s: the size is ours, so the ETag is known.
+S3_PART_SIZE = 64 * 2**20
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:
@@ -68,9 +69,9 @@ def cache_root() -> Path:
 
 
 def _local_etag(path: Path, size: int, part_size: int = S3_PART_SIZE) -> str:
-    """S3's ETag of ``path`` uploaded by s3fs: its MD5, or for a multipart upload the MD5
-    of the parts' MD5s followed by ``-<parts>``."""
-    if size <= part_size:
+    """S3's ETag of ``path`` uploaded by s3fs in ``part_size`` parts: its MD5, or for a
+    multipart upload the MD5 of the parts' MD5s followed by ``-<parts>``."""
+    if size < 2 * part_size:
         return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
     digests = []
     with open(path, "rb") as f:
@@ -80,7 +81,7 @@ def _local_etag(path: Path, size: int, part_size: int = S3_PART_SIZE) -> str:
     return f"{joined}-{len(digests)}"
 
 
-def _same(local: Path, info: dict[str, Any]) -> bool:
+def _same(local: Path, info: dict[str, Any], part_size: int = S3_PART_SIZE) -> bool:
     """Whether ``local`` holds what the store's object (its listing ``info``) holds."""
     if not local.is_file():
         return False
@@ -89,7 +90,7 @@ def _same(local: Path, info: dict[str, Any]) -> bool:
         return False
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
     # a store without content hashes in its listing: copy (correct, only slower)
-    return bool(etag) and _local_etag(local, size) == etag
+    return bool(etag) and _local_etag(local, size, part_size) == etag
 
 
 def _is_temporary(rel: Path) -> bool:
@@ -102,20 +103,20 @@ class Store:
 
     url: str
     workspace: Path = field(default=Path())
+    part_size: int = S3_PART_SIZE
 
     @classmethod
     def at(cls, url: str, cache: Path | None = None) -> Store:
-        """The store at ``url`` with this machine's cache folder for it."""
-        url = url.rstrip("/")
-        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-        return cls(url, (cache or cache_root()) / digest)
+        """The store at ``url`` with this machine's cache folder for it (one object, and
+        one client, per URL, cache folder and endpoint)."""
+        return _store(url.rstrip("/"), cache or cache_root(), os.environ.get("AWS_ENDPOINT_URL"))
 
     @cached_property
     def _fs(self) -> tuple[Any, str]:
         import fsspec
 
-        try:
-            return fsspec.core.url_to_fs(self.url)
+        try:  # a fresh client: the fsspec instance cache would outlive a changed endpoint
+            return fsspec.core.url_to_fs(self.url, skip_instance_cache=True)
         except (ValueError, ImportError) as exc:
             raise InputError(f"data root {self.url!r}: {exc}") from exc
 
@@ -150,7 +151,7 @@ class Store:
                 if only is not None and path.as_posix() not in only:
                     continue
                 local = self.workspace / path
-                if _same(local, info):
+                if _same(local, info, self.part_size):
                     continue
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
@@ -197,10 +198,10 @@ class Store:
             complete = True
             for _, sub, p in sorted(stamped):
                 key = "" if p == root else sub
-                if key in listing and _same(p, listing[key]):
+                if key in listing and _same(p, listing[key], self.part_size):
                     continue
                 try:
-                    fs.put_file(str(p), self._remote(Path(rel) / key))
+                    fs.put_file(str(p), self._remote(Path(rel) / key), chunksize=self.part_size)
                 except FileNotFoundError:  # the stage replaced it since: next push
                     complete = False
                     continue
@@ -213,6 +214,12 @@ class Store:
         if uploaded:
             log.info("pushed %d files of %s to %s", uploaded, ", ".join(map(str, rels)), self.url)
         return uploaded
+
+
+@functools.cache
+def _store(url: str, cache: Path, endpoint: str | None) -> Store:
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Store(url, cache / digest)
 
 
 @contextlib.contextmanager
