@@ -972,9 +972,11 @@ class StoreSection(Section):
     )
 
 
-# Where the files live, not what they are: a version's name and bytes are the same in any
-# store (the two-worker test checks it), so these stay out of the config hash.
-LOCATION_FIELDS = {"profile", "data_root", "store"}
+# Where the files live and how the run is orchestrated (pools, fan-out, retries), not what
+# it makes: a version's name and bytes are the same in any store and on any number of
+# workers (the two-worker test checks it), so these stay out of the config hash. Only an
+# explicit thread count is kept: it changes the float rounding of MAGIC's pairs.
+NOT_HASHED = {"profile", "data_root", "store", "orchestration"}
 
 
 class FactoryConfig(Section):
@@ -1065,9 +1067,10 @@ class FactoryConfig(Section):
         return self
 
     def hash(self) -> str:
-        """Stable hash of the resolved values (excluding the profile name and where the
-        files live: :data:`LOCATION_FIELDS`)."""
-        data = self.model_dump(mode="json", exclude=LOCATION_FIELDS)
+        """Stable hash of the resolved values (excluding the profile name, where the files
+        live and how the run is orchestrated: :data:`NOT_HASHED`)."""
+        data = self.model_dump(mode="json", exclude=NOT_HASHED)
+        data["orchestration"] = {"torch_threads": self.orchestration.torch_threads}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,11 +9,15 @@ Both sides import this module, so neither imports the other.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 from typing import Any
 
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
+from prefect.logging import get_logger
 from prefect.variables import Variable
 
 from anomaly_factory.errors import InfrastructureError
@@ -33,6 +37,11 @@ class StageCrashed(InfrastructureError):
 class Heartbeat:
     """Sets a Prefect Variable every few seconds while the stage runs on a worker.
 
+    Each beat also reads the run's state: once the dispatcher has given the run up
+    (marked it crashed because beats went stale, as a starved machine can make them) and
+    sent a retry elsewhere, this run stops itself with SIGTERM, as a cancelled one would,
+    so that two machines never write the same type's files at once.
+
     The last beat is left in place on exit: the run's state turns Completed only after
     the flow returns, and a dispatcher that saw the beat vanish in that gap would take a
     finished run for a dead one. The dispatcher unsets the variable once it is done.
@@ -42,7 +51,8 @@ class Heartbeat:
     def __init__(self) -> None:
         self._stop = threading.Event()
         ctx = get_run_context()
-        self.name = heartbeat_name(ctx.flow_run.id)
+        self.flow_run_id = ctx.flow_run.id
+        self.name = heartbeat_name(self.flow_run_id)
         self.enabled = ctx.flow_run.deployment_id is not None
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -50,7 +60,26 @@ class Heartbeat:
         while not self._stop.is_set():
             with contextlib.suppress(Exception):  # a missed beat is not fatal
                 Variable.set(self.name, str(time.time()), overwrite=True)
+            if self._given_up() and not self._stop.is_set():
+                get_logger("anomaly_factory").warning(
+                    "run %s was marked %s by its dispatcher (heartbeat lost); stopping: "
+                    "its retry resumes from what this run stored",
+                    self.flow_run_id,
+                    self._state_name,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             self._stop.wait(HEARTBEAT_S)
+
+    def _given_up(self) -> bool:
+        """Whether this run already has a final state while it still runs."""
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(self.flow_run_id).state
+        except Exception:  # the API unreachable now is not a verdict
+            return False
+        self._state_name = state.name if state is not None else "?"
+        return state is not None and state.is_final()
 
     def __enter__(self) -> Heartbeat:
         if self.enabled:

@@ -36,6 +36,26 @@ def test_profiles_resolve_to_paper_values():
     assert tiny.hash() != paper.hash()
 
 
+def test_the_hash_names_what_is_made_not_where_or_how_it_runs():
+    """A version's name is the same in any store and under any orchestration; a setting
+    that changes the pairs (a thread count: float rounding) renames it."""
+    tiny = load_config(REPO / "pipelines.yaml", "tiny")
+    moved = tiny.model_copy(
+        update={
+            "data_root": "s3://bucket/runs",
+            "store": tiny.store.model_copy(update={"sync_every_s": 1}),
+            "orchestration": tiny.orchestration.model_copy(
+                update={"dispatch": "work_pool", "fan_out": "type", "retries": 0}
+            ),
+        }
+    )
+    assert moved.hash() == tiny.hash()
+    threads = tiny.orchestration.model_copy(update={"torch_threads": 1})
+    assert tiny.model_copy(update={"orchestration": threads}).hash() != tiny.hash()
+    seeded = tiny.model_copy(update={"seed": 1})
+    assert seeded.hash() != tiny.hash()
+
+
 def test_bad_value_names_field_path_value_and_bound(tmp_path):
     raw = read_config_file(REPO / "pipelines.yaml")
     raw["generate"]["sag"]["w_m"] = -1.0

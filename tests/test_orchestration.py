@@ -6,7 +6,9 @@ One server and one worker per module; every process is torn down by PID.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -201,6 +203,60 @@ def test_a_stage_that_completes_as_its_heartbeat_is_judged_stays_completed(api, 
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run.id).state.is_completed()
     assert len(reads) >= 2
+
+
+FENCE_PROBE = """
+import sys, time
+from pathlib import Path
+from prefect import flow
+from tasks.heartbeat import Heartbeat
+
+@flow(name="fence-probe")
+def probe(marker: str) -> None:
+    beat = Heartbeat()
+    beat.enabled = True  # as on a worker (a deployment's run)
+    with beat:
+        for _ in range(240):
+            time.sleep(0.5)
+    Path(marker).write_text("finished")
+
+probe(sys.argv[1])
+"""
+
+
+def test_a_run_its_dispatcher_gave_up_on_stops_itself(api, tmp_path):
+    """A starved worker whose beats went stale keeps running after the dispatcher marked
+    its run crashed and sent a retry elsewhere; it must stop, not write beside the retry."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+    from prefect.variables import Variable
+
+    from tasks.heartbeat import heartbeat_name
+
+    marker = tmp_path / "finished"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FENCE_PROBE, str(marker)],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        run = None
+        while time.time() < deadline and run is None:
+            runs = [r for r in _flow_runs("fence-probe") if r.state and r.state.is_running()]
+            if runs and Variable.get(heartbeat_name(runs[0].id), default=None):
+                run = runs[0]
+            time.sleep(0.5)
+        assert run is not None, "the probe never beat"
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Crashed(message="heartbeat lost: worker gone"))
+        proc.wait(timeout=60)  # within a few beats, long before its 120 s of work
+        assert not marker.exists()
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.is_crashed()
+    finally:
+        kill_tree(proc.pid)
 
 
 def test_gpu_stages_run_on_the_worker_and_rerun_is_cached(api, deployed, workdir):

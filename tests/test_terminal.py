@@ -227,11 +227,18 @@ def test_ctrl_c_stops_the_run_then_the_same_command_resumes_it(workdir):
     ):
         assert row in screen, (row, screen[-3000:])
     summary = screen[screen.rindex("version  ") :]
-    assert f"version  {VERSION}" in summary and "0/2 types pass" in summary
-    assert "off: kid_max, ic_lpips_min" in summary
-    assert f"report   data/reports/{VERSION}/report.html" in summary
-    assert f"shards   data/shards/{VERSION}" in summary
-    assert f"log      data/runs/{VERSION}/run.log" in summary
+    # the label column is as wide as its longest label ("data root"), whatever that is
+    rows = {
+        m.group(1): m.group(2).strip()
+        for m in re.finditer(
+            r"^(version|data root|gates|report|shards|log) {2,}(.*)$", summary, re.M
+        )
+    }
+    assert rows["version"] == VERSION and rows["gates"].startswith("0/2 types pass"), rows
+    assert "off: kid_max, ic_lpips_min" in rows["gates"]
+    assert rows["report"] == f"data/reports/{VERSION}/report.html"
+    assert rows["shards"].startswith(f"data/shards/{VERSION}")
+    assert rows["log"] == f"data/runs/{VERSION}/run.log"
     assert "error: quality gates failed for: demo/nut_demo/rust, demo/nut_demo/scratch" in summary
     for noise in NOISE:
         assert noise not in screen, (noise, screen[-3000:])
