@@ -121,12 +121,15 @@ def _produce(ref: RunRef) -> dict[str, Any]:
         calls = {f"{c}/{t}": category_run(c, [t]) for c, types in jobs.items() for t in types}
     else:
         calls = {c: category_run(c, t) for c, t in jobs.items()}
-    parts = []
-    for i, (_, paths) in enumerate(run_stages(cfg, dispatch, calls), 1):
-        parts += paths
+    finished: dict[str, list[str]] = {}
+    for key, paths in run_stages(cfg, dispatch, calls):
+        finished[key] = paths
         types_done += len(paths)
         stage("generate", types_done, n_types)
-        done(5 + 70 * i / len(calls))
+        done(5 + 70 * len(finished) / len(calls))
+        _jobs_artifact(version, calls, finished)
+    # in the calls' order, whatever order the jobs finished in: the same merged bytes
+    parts = [p for key in calls for p in finished[key]]
     pairs = configured(merge_pairs, cfg)(ref, parts)
 
     # quality gates, downstream detectors, report
@@ -176,6 +179,19 @@ def _produce(ref: RunRef) -> dict[str, Any]:
         # message, so a scheduled or work-pool run that fails its gates shows as failed.
         raise VersionFailedGates(gates.table(version), result)
     return result
+
+
+def _jobs_artifact(version: str, calls: dict[str, Any], finished: dict[str, list[str]]) -> None:
+    """The ``gpu-jobs`` table: each GPU job (a category, or a category/type with
+    ``fan_out: type``) and whether it is done, a new version of it as each job finishes."""
+    rows = [
+        {"job": key, "state": "done" if key in finished else "running or queued"} for key in calls
+    ]
+    create_table_artifact(
+        rows,
+        key="gpu-jobs",
+        description=f"GPU jobs of {version}: {len(finished)}/{len(calls)} done",
+    )
 
 
 class VersionFailedGates(GatesFailed):

@@ -20,6 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.futures import as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 from prefect.task_runners import ProcessPoolTaskRunner
@@ -127,17 +128,19 @@ def run_stages(
     cfg: FactoryConfig, stage_task: Task, calls: dict[str, dict[str, Any]]
 ) -> Iterator[tuple[str, list[str]]]:
     """Run ``stage_task`` once per key of ``calls`` (its keyword arguments); yield each
-    key with its result, in order.
+    key with its result as it finishes.
 
-    ``work_pool``: every call at once, each a thread waiting on its worker. ``local`` with
+    ``work_pool``: every call at once, each a thread waiting on its worker, yielded in the
+    order they finish (so progress shows a type done when it is). ``local`` with
     ``local_workers`` > 1: that many at once in a process pool. Otherwise one after another
-    in this process.
+    in this process. Callers that need the results in ``calls``' order reorder them.
     """
     orch = cfg.orchestration
     if orch.dispatch == "work_pool":
-        futures = {key: stage_task.submit(**kw) for key, kw in calls.items()}
-        for key, future in futures.items():
-            yield key, future.result()
+        futures = [stage_task.submit(**kw) for kw in calls.values()]
+        keys = {f.task_run_id: key for f, key in zip(futures, calls, strict=True)}
+        for future in as_completed(futures):
+            yield keys[future.task_run_id], future.result()
     elif orch.local_workers > 1 and len(calls) > 1:
         with local_process_pool(min(orch.local_workers, len(calls))) as runner:
             futures = {key: runner.submit(stage_task, kw) for key, kw in calls.items()}

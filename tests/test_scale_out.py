@@ -199,6 +199,25 @@ def _worker_of(flow_run_id) -> str | None:
     return None
 
 
+def _gpu_job_tables(flow_run_id) -> list[list[dict]]:
+    """Every version of a factory run's ``gpu-jobs`` table artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=["gpu-jobs"]),
+            )
+        )
+    return [json.loads(a.data) if isinstance(a.data, str) else a.data for a in found]
+
+
 def _pngs(files: dict[str, bytes]) -> dict[str, str]:
     import hashlib
 
@@ -244,6 +263,18 @@ def test_two_workers_without_shared_disk_make_the_single_machine_bytes(
     typed = [r for r in runs if r.parameters["anomaly_types"]]
     workers = {r.name: _worker_of(r.id) for r in typed}
     assert set(workers.values()) == {"gpu-a", "gpu-b"}, workers
+
+    # the factory's gpu-jobs table shows each type's job, the last version all done
+    (factory_run,) = [r for r in _flow_runs("factory") if r.parameters.get("root") == STORE]
+    tables = _gpu_job_tables(factory_run.id)
+    n_types = sum(len(ANOMALY_TYPES[c]) for c in CATEGORIES)
+    assert len(tables) == n_types, tables
+    assert sorted(sum(row["state"] == "done" for row in t) for t in tables) == list(
+        range(1, n_types + 1)
+    )
+    assert {row["job"] for row in tables[0]} == {
+        f"{c}/{t}" for c in CATEGORIES for t in ANOMALY_TYPES[c]
+    }
 
     # the store holds the version, byte for byte what one machine makes in a local folder
     shards = _store_files("factory/data/shards/v1/")
