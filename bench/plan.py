@@ -174,7 +174,7 @@ def plan(costs: dict[str, float], gpus: list[int], save: str) -> tuple[list[dict
                 "rounds": rounds,
                 "GPU busy": f"{jobs / (rounds * n):.0%}",
                 "wall": _h(wall_h * 3600),
-                "store upload rate": f"{sum(traffic.values()) * min(n, jobs) / (job_h * 3600) * 1000:.0f} MB/s",
+                "store upload rate": f"{_rate_mb_s(traffic, min(n, jobs), job_h):.1f} MB/s",
             }
         )
     return stages, walls
@@ -193,6 +193,11 @@ def lora_params(rank: int) -> int:
         if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
             total += rank * (mod.in_features + mod.out_features)
     return total
+
+
+def _rate_mb_s(traffic: dict[str, float], running: int, job_h: float) -> float:
+    """Mean upload rate (MB/s) of ``running`` jobs at once, each uploading ``traffic`` GB."""
+    return sum(traffic.values()) * 1000 * running / (job_h * 3600)
 
 
 def _h(seconds: float) -> str:
