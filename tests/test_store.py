@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -106,6 +107,41 @@ def test_mirror_removes_what_the_stage_removed(bucket, tmp_path):
     (store.workspace / "ckpt/train_state-00000004/state.json").unlink()
     store.push(["ckpt"])
     assert len(_objects(bucket, "runs/")) == 2
+
+
+def test_mirror_keeps_the_store_when_the_stage_changes_the_folder_under_it(
+    bucket, tmp_path, monkeypatch
+):
+    """The race the kill test hit: a push lists the folder, the fine-tune then replaces
+    its resume state; a mirror of that torn snapshot deleted the store's only complete
+    state, and the retry on another machine started from step 0."""
+    store = Store(f"s3://{bucket}/runs", tmp_path / "w")
+    done = store.workspace / "ckpt/train_state-00000040"
+    _write(done / "trainable.safetensors", b"w40")
+    _write(done / "state.json", b'{"step": 40}')
+    store.push(["ckpt"], mirror=True)
+    # the stage writes state 44 and drops 40; 44's state.json goes while the push lists
+    _write(store.workspace / "ckpt/train_state-00000044/trainable.safetensors", b"w44")
+    _write(store.workspace / "ckpt/train_state-00000044/state.json", b'{"step": 44}')
+    for f in done.iterdir():
+        f.unlink()
+    done.rmdir()
+    real_stat = Path.stat
+
+    def replaced_while_listed(self, *args, **kwargs):
+        if self.name == "state.json" and "00000044" in str(self):
+            raise FileNotFoundError(errno.ENOENT, "replaced by the stage", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", replaced_while_listed)
+    store.push(["ckpt"], mirror=True)
+    assert "ckpt/train_state-00000040/state.json" in _objects(bucket, "runs/")
+    monkeypatch.setattr(Path, "stat", real_stat)
+    store.push(["ckpt"], mirror=True)  # a whole snapshot: now 40 goes
+    assert set(_objects(bucket, "runs/")) == {
+        "ckpt/train_state-00000044/trainable.safetensors",
+        "ckpt/train_state-00000044/state.json",
+    }
 
 
 def test_periodic_pushes_leave_progress_in_the_store_while_the_body_runs(bucket, tmp_path):

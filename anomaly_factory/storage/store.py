@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -181,21 +182,30 @@ class Store:
         for rel in rels:
             root = self.workspace / rel
             if root.is_file():
-                files = [root]
+                entries = [root]
             elif root.is_dir():
-                files = [p for p in root.rglob("*") if p.is_file()]
+                entries = list(root.rglob("*"))
             else:
                 continue
             listing = self._listing(rel)
             stamped = []
-            for p in files:
+            # False once the stage changed the folder under us: the snapshot is then not
+            # one the stage passed through, and mirroring it could delete the store's only
+            # complete resume state while its successor is still being written
+            complete = True
+            for p in entries:
                 sub = p.relative_to(root)
                 if only is not None and (Path(rel) / sub).as_posix() not in only:
                     continue
-                with contextlib.suppress(FileNotFoundError):  # replaced while listing
-                    if not _is_temporary(sub):
-                        stamped.append((p.stat().st_mtime_ns, sub.as_posix(), p))
-            complete = True
+                if _is_temporary(sub):
+                    continue
+                try:
+                    st = p.stat()
+                except FileNotFoundError:  # removed since it was listed: next push
+                    complete = False
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    stamped.append((st.st_mtime_ns, sub.as_posix(), p))
             for _, sub, p in sorted(stamped):
                 key = "" if p == root else sub
                 if key in listing and _same(p, listing[key], self.part_size):
