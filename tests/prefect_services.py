@@ -93,8 +93,22 @@ class PrefectServer:
         )
 
     def stop(self) -> None:
+        forget_api_services()
         kill_tree(self.proc.pid)
         self.log.close()
+
+
+def forget_api_services() -> None:
+    """Stop Prefect's per-process concurrency-slot services: each is a singleton per limit
+    name, bound to the API it first talked to, so the next test module's server would
+    otherwise get its `gpu` slots asked of this (dead) one."""
+    from prefect.concurrency.services import (
+        ConcurrencySlotAcquisitionService,
+        ConcurrencySlotAcquisitionWithLeaseService,
+    )
+
+    for service in (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService):
+        service.drain_all(timeout=10)
 
 
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
