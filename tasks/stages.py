@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from anomaly_factory import stages
+from anomaly_factory import progress, stages
 from anomaly_factory.gates.decide import GateSummary
 from anomaly_factory.stages import RunRef
 from anomaly_factory.storage import staging
@@ -59,7 +59,9 @@ def generate_type(ref: RunRef, category: str, anomaly_type: str, checkpoint: str
     """Masks -> CAMA -> generation for one type; resumable, returns pairs.parquet."""
     ckpt = Path(checkpoint) if checkpoint else None
     folder = ref.layout.pairs_dir(category, anomaly_type)
-    with staging.pulled_and_pushed(ref, [folder], periodic=True):
+    # the type's progress record goes up with its pairs: the run's display pulls it
+    record = progress.record_path(ref.layout.progress, "generate", f"{category}/{anomaly_type}")
+    with staging.pulled_and_pushed(ref, [folder, record], periodic=True):
         return str(stages.generate_type(ref, category, anomaly_type, ckpt))
 
 

@@ -176,3 +176,50 @@ def test_paths_outside_the_data_root_are_refused(bucket, tmp_path):
     for bad in ("../elsewhere", "/etc/passwd"):
         with pytest.raises(InputError, match="not a path inside the data root"):
             store.pull([bad])
+
+
+def test_a_job_on_another_machine_shows_its_progress_in_the_run_display(
+    bucket, tmp_path, monkeypatch
+):
+    """With a store data root, a type's pairs reach the factory's machine only at the
+    merge; its progress record (pushed with them) is what moves the type's bar."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from anomaly_factory import manifest, progress
+    from anomaly_factory.cli._display import RunDisplay
+    from anomaly_factory.cli.run import _progress_sync
+    from anomaly_factory.config import FactoryConfig
+    from anomaly_factory.stages import RunRef
+
+    monkeypatch.setenv("ANOMALY_FACTORY_CACHE", str(tmp_path / "factory-machine"))
+    cfg = FactoryConfig.model_validate({"orchestration": {"dispatch": "work_pool"}})
+    ref = RunRef.make(cfg, "v1", f"s3://{bucket}/runs")
+    worker = Store(f"s3://{bucket}/runs", tmp_path / "gpu-machine")
+    record = progress.record_path(
+        worker.workspace / "data/runs/v1/progress", "generate", "nut/rust"
+    )
+    rel = record.relative_to(worker.workspace)
+
+    progress.report(record.parent, "generate", "nut/rust", 3, 3)  # an earlier run's
+    worker.push([rel])
+    sync = _progress_sync(ref)
+    assert sync is not None and _objects(bucket, "runs/data/runs/") == {}
+
+    progress.report(record.parent, "generate", "nut/rust", 2, 3)  # this run's job, so far
+    worker.push([rel])
+    ref.layout.manifest.parent.mkdir(parents=True, exist_ok=True)
+    ref.layout.manifest.touch()
+    images = pd.DataFrame({"category": ["nut", "nut"], "anomaly_type": ["rust", "scratch"]})
+    monkeypatch.setattr(manifest, "read_images", lambda path: images)
+    monkeypatch.setattr(manifest, "anomaly_types", lambda df, c: ["rust", "scratch"])
+    progress.report(ref.layout.progress, "generate", progress.STAGE_UNIT, 0, 2)
+    display = RunDisplay(ref.layout, Console(file=io.StringIO()), sync=sync)
+    display.update()
+    rows = {
+        display.bar.tasks[t].description.strip(): display.bar.tasks[t]
+        for t in display.types.values()
+    }
+    assert rows["nut/rust"].completed == 2 and rows["nut/scratch"].completed == 0

@@ -38,6 +38,7 @@ from anomaly_factory.errors import Interrupted
 
 STOP_GRACE_S = 5.0  # after Ctrl-C / SIGTERM the run gets this long to record its state
 POLL_S = 0.5
+SYNC_S = 2.0  # seconds between pulls of other machines' progress records (a store)
 UNITS = {"ingest": "datasets", "generate": "types"}
 LABELS = {"detect": "detectors"}
 DONE, RUNNING, PENDING, OFF = "✓", "●", "·", "-"
@@ -232,8 +233,13 @@ class TimeColumn(ProgressColumn):
 class RunDisplay:
     """The live display of one run: stage rows, then one row per anomaly type."""
 
-    def __init__(self, layout: Any, console: Console) -> None:
+    def __init__(
+        self, layout: Any, console: Console, sync: Callable[[], object] | None = None
+    ) -> None:
+        """``sync``: brings progress records made on other machines into the progress
+        folder (a store pull); called every ``SYNC_S`` at most."""
         self.layout = layout
+        self._sync, self._synced = sync, 0.0
         cfg = layout.cfg
         self.off = {"detect": not cfg.detector.enabled, "publish": not cfg.publish.enabled}
         self.bar = Progress(
@@ -301,6 +307,9 @@ class RunDisplay:
 
     def update(self) -> None:
         """Read the progress files and the pair records; move the rows."""
+        if self._sync is not None and time.monotonic() - self._synced >= SYNC_S:
+            self._synced = time.monotonic()
+            self._sync()
         records = run_progress.read(self.layout.progress)
         stage = {r["stage"]: r for r in records if r["unit"] == run_progress.STAGE_UNIT}
         per_type = {r["unit"]: r for r in records if r["stage"] == "generate"}
@@ -310,7 +319,13 @@ class RunDisplay:
         for (c, t), task in self.types.items():
             total = per_type.get(f"{c}/{t}", {}).get("total") or self.layout.cfg.generate.n_pairs
             records_dir = self.layout.pairs_dir(c, t) / "records"
-            done = min(sum(1 for _ in records_dir.glob("*.json")), total)
+            # pair records here (a job on this file system), else its own count (a job
+            # on another machine, whose pairs arrive only when they are merged)
+            made = max(
+                sum(1 for _ in records_dir.glob("*.json")),
+                per_type.get(f"{c}/{t}", {}).get("done", 0),
+            )
+            done = min(made, total)
             pairs_done, pairs_total = pairs_done + done, pairs_total + total
             if not self.bar.tasks[task].started:  # the clock of every type runs from here
                 self.bar.start_task(task)
