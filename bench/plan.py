@@ -108,8 +108,9 @@ def paper_settings() -> dict[str, float]:
     }
 
 
-def plan(costs: dict[str, float], gpus: list[int], save: str) -> tuple[list[dict], list[dict]]:
-    s = paper_settings()
+def plan(
+    costs: dict[str, float], gpus: list[int], s: dict[str, float], save: str
+) -> tuple[list[dict], list[dict]]:
     jobs = sum(d.types for d in DATASETS)
     # GPU: the paper's fine-tune anchors the GPU speed; one training sample is a forward
     # + backward, so the same GPU's CFG sampling step costs the CPU ratio of the two
@@ -182,11 +183,12 @@ def plan(costs: dict[str, float], gpus: list[int], save: str) -> tuple[list[dict
 
 def lora_params(rank: int) -> int:
     """LoRA on the SD2 UNet's attention projections (q, k, v, out of every attention)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     from bench.finetune import SD2_UNET
 
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):
         unet = UNet2DConditionModel(**SD2_UNET)
     total = 0
     for name, mod in unet.named_modules():
@@ -224,8 +226,9 @@ def main() -> None:
     )
     for d in DATASETS:
         print(f"  {d.name}: {d.categories} categories, {d.types} types ({d.source})")
-    save = args.save or paper_settings()["save"]
-    stages, walls = plan(costs, [int(g) for g in args.gpus.split(",")], save)
+    settings = paper_settings()
+    save = args.save or settings["save"]
+    stages, walls = plan(costs, [int(g) for g in args.gpus.split(",")], settings, save)
     report("plan_stages", stages, save=save)
     print()
     report("plan_wall", walls, save=save)

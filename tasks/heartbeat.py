@@ -60,26 +60,27 @@ class Heartbeat:
         while not self._stop.is_set():
             with contextlib.suppress(Exception):  # a missed beat is not fatal
                 Variable.set(self.name, str(time.time()), overwrite=True)
-            if self._given_up() and not self._stop.is_set():
+            final = self._final_state()
+            if final is not None and not self._stop.is_set():
                 get_logger("anomaly_factory").warning(
                     "run %s was marked %s by its dispatcher (heartbeat lost); stopping: "
                     "its retry resumes from what this run stored",
                     self.flow_run_id,
-                    self._state_name,
+                    final,
                 )
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             self._stop.wait(HEARTBEAT_S)
 
-    def _given_up(self) -> bool:
-        """Whether this run already has a final state while it still runs."""
+    def _final_state(self) -> str | None:
+        """The name of the final state this run already has while it still runs (the
+        dispatcher gave it up), else None."""
         try:
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(self.flow_run_id).state
         except Exception:  # the API unreachable now is not a verdict
-            return False
-        self._state_name = state.name if state is not None else "?"
-        return state is not None and state.is_final()
+            return None
+        return state.name if state is not None and state.is_final() else None
 
     def __enter__(self) -> Heartbeat:
         if self.enabled:

@@ -190,9 +190,9 @@ def test_a_job_on_another_machine_shows_its_progress_in_the_run_display(
 
     from anomaly_factory import manifest, progress
     from anomaly_factory.cli._display import RunDisplay
-    from anomaly_factory.cli.run import _progress_sync
     from anomaly_factory.config import FactoryConfig
     from anomaly_factory.stages import RunRef
+    from anomaly_factory.storage.staging import progress_sync
 
     monkeypatch.setenv("ANOMALY_FACTORY_CACHE", str(tmp_path / "factory-machine"))
     cfg = FactoryConfig.model_validate({"orchestration": {"dispatch": "work_pool"}})
@@ -205,7 +205,7 @@ def test_a_job_on_another_machine_shows_its_progress_in_the_run_display(
 
     progress.report(record.parent, "generate", "nut/rust", 3, 3)  # an earlier run's
     worker.push([rel])
-    sync = _progress_sync(ref)
+    sync = progress_sync(ref)
     assert sync is not None and _objects(bucket, "runs/data/runs/") == {}
 
     progress.report(record.parent, "generate", "nut/rust", 2, 3)  # this run's job, so far

@@ -317,14 +317,12 @@ class RunDisplay:
             self._add_types()
         pairs_done = pairs_total = 0
         for (c, t), task in self.types.items():
-            total = per_type.get(f"{c}/{t}", {}).get("total") or self.layout.cfg.generate.n_pairs
+            record = per_type.get(f"{c}/{t}", {})
+            total = record.get("total") or self.layout.cfg.generate.n_pairs
             records_dir = self.layout.pairs_dir(c, t) / "records"
             # pair records here (a job on this file system), else its own count (a job
             # on another machine, whose pairs arrive only when they are merged)
-            made = max(
-                sum(1 for _ in records_dir.glob("*.json")),
-                per_type.get(f"{c}/{t}", {}).get("done", 0),
-            )
+            made = max(sum(1 for _ in records_dir.glob("*.json")), record.get("done", 0))
             done = min(made, total)
             pairs_done, pairs_total = pairs_done + done, pairs_total + total
             if not self.bar.tasks[task].started:  # the clock of every type runs from here

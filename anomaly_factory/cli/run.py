@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.text import Text
@@ -47,26 +45,6 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def _progress_sync(ref: Any) -> Callable[[], None] | None:
-    """With a store data root and GPU jobs on other machines, what brings their progress
-    records here: a pull of the run's progress folder (each job pushes its type's record).
-    An earlier run's records are removed from the store first, as ``clear`` does here."""
-    import logging
-
-    from anomaly_factory.storage import staging
-
-    store = ref.store
-    if store is None or ref.cfg.orchestration.dispatch != "work_pool":
-        return None
-    folder = staging.rel(ref, ref.layout.progress)
-    ref.layout.progress.mkdir(parents=True, exist_ok=True)
-    try:
-        store.push([folder], mirror=True)
-    except Exception as exc:  # the run itself reports an unreachable store
-        logging.getLogger(__name__).warning("progress records in %s: %s", store.url, exc)
-    return functools.partial(store.pull, [folder])
 
 
 def _summary(result: dict, log: Path, table: str | None = None) -> None:
@@ -133,6 +111,7 @@ def run(
     from anomaly_factory.cli._display import RunDisplay, RunOutput, stop_on_signals
     from anomaly_factory.io import portable_path
     from anomaly_factory.stages import RunRef
+    from anomaly_factory.storage import staging
 
     cfg = get_config(config, profile)
     root = data_root or cfg.data_root or str(Path.cwd())
@@ -147,7 +126,7 @@ def run(
                 f"{version} · profile {cfg.profile} · log {portable_path(log)}",
             )
         )
-        display = RunDisplay(layout, console, sync=_progress_sync(ref)) if progress else None
+        display = RunDisplay(layout, console, sync=staging.progress_sync(ref)) if progress else None
 
         def interrupted(signum: int) -> str:
             name = signal.Signals(signum).name

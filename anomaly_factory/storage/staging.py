@@ -11,8 +11,10 @@ resumes from the fine-tune's last resume state and the pairs already made.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -123,3 +125,20 @@ def pull_version(ref: RunRef) -> None:
         return
     pull_manifest(ref)
     pull(ref, [ref.layout.pairs.parent, ref.layout.reports])
+
+
+def progress_sync(ref: RunRef) -> Callable[[], object] | None:
+    """What brings the progress records of GPU jobs on other machines into this one's
+    progress folder (each job pushes its type's record): a pull of that folder, for the
+    run's display. None with a local data root or local dispatch. An earlier run's
+    records leave the store first, as ``progress.clear`` does here."""
+    store = ref.store
+    if store is None or ref.cfg.orchestration.dispatch != "work_pool":
+        return None
+    folder = rel(ref, ref.layout.progress)
+    ref.layout.progress.mkdir(parents=True, exist_ok=True)
+    try:
+        store.push([folder], mirror=True)
+    except Exception as exc:  # the run itself reports an unreachable store
+        logging.getLogger(__name__).warning("progress records in %s: %s", store.url, exc)
+    return functools.partial(store.pull, [folder])
