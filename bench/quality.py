@@ -5,7 +5,11 @@ For one dataset (the demo by default, or any folder in a supported layout given 
 
 * the share of pairs that pass every pair check of the gates (``gates.pair_checks``),
 * KID x1e3 against the type's real anomaly images and IC-LPIPS, with one extractor
-  (``gates.kid`` / ``gates.lpips`` of the profile) for every generator,
+  (``gates.kid`` / ``gates.lpips`` of the profile) for every generator: whole-image KID
+  (the papers' number) and the gates' defect-region KID (crops around each mask against
+  the same crops around the real defects). The demo keeps the background exact in every
+  generator, so whole-image KID mostly compares backgrounds; the region KID compares
+  the defects (RESULTS (n), (p)),
 
 and per category, the downstream detectors trained on each generator's pairs and
 scored on the real test split: pixel / image AUROC and AUPRO (DRAEM-style
@@ -123,6 +127,7 @@ def type_rows(cfg: FactoryConfig, gen: str, pairs: Path, manifest: Path) -> list
 
     metrics = compute_metrics(cfg, pairs, manifest)
     checks = pair_checks_for_manifest(cfg, pairs, manifest)
+    region = metrics.get("kid_region", {}).get("per_type", {})
     rows = []
     for tid in metrics["types"]:
         mine = checks[checks["type_id"] == tid]
@@ -135,12 +140,26 @@ def type_rows(cfg: FactoryConfig, gen: str, pairs: Path, manifest: Path) -> list
                 "pass_rate": float(mine["passed"].mean()) if len(mine) else float("nan"),
                 "top_failure": str(worst.index[0]) if len(worst) else "",
                 "kid_x1e3": metrics["kid"]["per_type"][tid]["kid_x1e3"],
+                "region_kid_x1e3": region.get(tid, {}).get("generated", {}).get("kid_x1e3"),
                 "ic_lpips": metrics["ic_lpips"]["per_type"][tid]["score"],
                 "bg_psnr_median": float(mine["bg_psnr"].median()) if len(mine) else float("nan"),
                 "fg_share_mean": float(mine["fg_share"].mean()) if len(mine) else float("nan"),
             }
         )
     return rows
+
+
+def lowest_kid_rows(types: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per type, the generator with the lowest whole-image and defect-region KID."""
+    out = []
+    for tid in sorted({r["type"] for r in types}):
+        mine = [r for r in types if r["type"] == tid]
+        row: dict[str, Any] = {"type": tid}
+        for col in ("kid_x1e3", "region_kid_x1e3"):
+            known = [r for r in mine if r[col] is not None and np.isfinite(r[col])]
+            row[f"lowest_{col}"] = min(known, key=lambda r: r[col])["generator"] if known else ""
+        out.append(row)
+    return out
 
 
 def detect_rows(cfg: FactoryConfig, all_pairs: list[Path], manifest: Path, work: Path) -> list:
@@ -215,6 +234,8 @@ def main() -> None:
     types = [row for gen in gens for row in type_rows(cfg, gen, pairs[gen], manifest)]
     types.sort(key=lambda r: (r["type"], gens.index(r["generator"])))
     report(f"quality_{args.dataset}_types", types, work / "types.json", timing_s=timing)
+    print()
+    report(f"quality_{args.dataset}_lowest_kid", lowest_kid_rows(types), work / "lowest_kid.json")
     detect = [] if args.no_detect else detect_rows(cfg, list(pairs.values()), manifest, work)
     if detect:
         print()
