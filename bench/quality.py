@@ -20,6 +20,7 @@ renderer; demo only). Prints a table per level, writes JSON and a sample grid
 (normal | mask on the normal | generated, one row per generator and type).
 
     .venv/bin/python bench/quality.py                      # the demo, tiny profile
+    .venv/bin/python bench/quality.py --detector-seeds 3   # downstream as mean +- sd
     .venv/bin/python bench/quality.py --source ../shared/data/real/mvtec_3d_ad \\
         --dataset mvtec_3d_ad --generators magic,perlin,cutpaste
 """
