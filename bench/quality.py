@@ -192,11 +192,9 @@ def detect_rows(
     for (category, gen), part in table.groupby(["category", "generator"]):
         row: dict[str, Any] = {"category": category, "generator": gen}
         for metric in DETECT_METRICS:
-            # one value per seed: the first row of each seed carries the category's metric
+            # one value per seed: the first non-null row of each seed holds the category's metric
             per_seed = (
-                part.groupby("detector_seed")[metric].apply(
-                    lambda v: v.dropna().iloc[0] if v.notna().any() else np.nan
-                )
+                part.groupby("detector_seed")[metric].first()
                 if metric in part
                 else pd.Series(dtype=float)
             )
