@@ -28,6 +28,7 @@ renderer; demo only). Prints a table per level, writes JSON and a sample grid
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -172,8 +173,6 @@ def detect_rows(
     One detector training on 6 pairs a type moves pixel AUROC by up to 0.3 run to run
     (RESULTS (n)); several seeds say which generator's pairs train better on average.
     """
-    import json
-
     from anomaly_factory.detectors.run import run_detectors
     from anomaly_factory.manifest import read_pairs, write_pairs
 
@@ -198,11 +197,9 @@ def detect_rows(
                 if metric in part
                 else pd.Series(dtype=float)
             )
-            row[metric] = float(per_seed.mean()) if per_seed.notna().any() else float("nan")
+            row[metric] = float(per_seed.mean())  # NaN when no seed has the metric
             if seeds > 1:
-                row[f"{metric}_sd"] = (
-                    float(per_seed.std(ddof=1)) if per_seed.notna().sum() > 1 else float("nan")
-                )
+                row[f"{metric}_sd"] = float(per_seed.std(ddof=1))
         rows.append(row)
     return rows
 
