@@ -286,6 +286,23 @@ class MaskGeneratorSection(Section):
     augment_shift: Annotated[float, Field(ge=0, le=0.5)] = Field(
         default=0.25, description="Largest random shift, as a fraction of the mask side"
     )
+    window: Literal["image", "defect"] = Field(
+        default="image",
+        description="What the DDPM draws: the whole image (image) or a square around the "
+        "defect (defect), which a sample is then placed from: at a few-shot mask's centre "
+        "moved by up to place_shift. At the same resolution, defect-window masks are drawn "
+        "at several times the detail, and the DDPM learns shapes rather than positions",
+    )
+    window_margin: Annotated[float, Field(ge=1.0)] = Field(
+        default=1.25,
+        description="defect window: side = this x the largest few-shot mask extent (capped "
+        "at the image side)",
+    )
+    place_shift: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        default=0.25,
+        description="defect window: largest random shift of a placed sample from the few-shot "
+        "centre, fraction of the image side (CAMA then moves it on objects)",
+    )
 
 
 class MasksSection(Section):
@@ -300,6 +317,11 @@ class MasksSection(Section):
         default=0.0,
         description="Reject generated masks smaller than this fraction of the type's smallest "
         "few-shot mask: a speck too small to hold a defect of the type (0: off)",
+    )
+    max_pieces_vs_fewshot: bool = Field(
+        default=False,
+        description="Reject generated masks with more connected components than any few-shot "
+        "mask of the type has (a stroke broken into fragments)",
     )
     fallback_to_fewshot: bool = Field(
         default=True,

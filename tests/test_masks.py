@@ -41,9 +41,11 @@ def test_derive_seed_is_stable_and_distinct():
     assert 0 <= M.derive_seed("x") < 2**63
 
 
-@pytest.fixture(scope="module")
-def trained(demo_manifest_path):
-    section = MaskGeneratorSection(resolution=32, steps=200, sample_steps=10, batch_size=8)
+@pytest.fixture(scope="module", params=["image", "defect"])
+def trained(demo_manifest_path, request):
+    section = MaskGeneratorSection(
+        resolution=32, steps=200, sample_steps=10, batch_size=8, window=request.param
+    )
     cfg = MasksSection(seed=3, generator=section, max_area=0.3, max_tries_per_mask=40)
     train, _ = M.fewshot_masks(demo_manifest_path, "carpet_demo", "stain", 64)
     return cfg, train, M.MaskGenerator.fit(train, section, seed=0)
@@ -175,6 +177,9 @@ class _FaintGenerator:
         soft[:, :, :2, :2] = 0.3
         return soft
 
+    def place(self, soft, size, seed):
+        return M.place_sample(soft, size, self.section, {}, seed)
+
 
 def test_faint_samples_are_rejected_not_turned_into_corner_dots():
     """A sample with nothing above the threshold is empty: rejected, then the few-shot
@@ -234,3 +239,78 @@ def test_specks_under_half_the_smallest_fewshot_mask_are_rejected(tmp_path, rati
     masks = src.masks(2, 32)
     assert [int(m.sum()) for m in masks] == ([4, 4] if specks_kept else [16, 16])
     assert src.rejected["area"] == (0 if specks_kept else 2 * 2)
+
+
+def test_defect_windows_round_trip_to_the_few_shot_masks():
+    """A defect window cut at the generator's own resolution and placed back at its own
+    centre with no shift is the few-shot mask again, pixel for pixel; with a shift, the
+    same shape moves by at most place_shift of the side."""
+    import torch
+
+    a = _mask(64, (28, 34, 26, 36))  # 6 x 10 box, far enough from the borders to move
+    b = _mask(64, (40, 48, 44, 47))
+    b[44:46, 50:54] = True  # a second piece: the window keeps both
+    section = MaskGeneratorSection(resolution=16, window="defect", window_margin=1.6, place_shift=0)
+    crops, info = M.defect_windows(np.stack([a, b]), section)
+    assert crops.shape == (2, 16, 16) and info["window_fraction"] == 16 / 64
+    assert crops[0].sum() == a.sum() and crops[1].sum() == b.sum()
+    for k, m in enumerate((a, b)):
+        one = {**info, "centres": [info["centres"][k]]}
+        soft = torch.from_numpy(crops[k].astype(np.float32))[None]
+        assert np.array_equal(M.place_sample(soft, 64, section, one, seed=5), m)
+    moved = section.model_copy(update={"place_shift": 0.25})
+    one = {**info, "centres": [info["centres"][0]]}
+    soft = torch.from_numpy(crops[0].astype(np.float32))[None]
+    placed = [M.place_sample(soft, 64, moved, one, seed=s) for s in range(8)]
+    offsets = set()
+    for m in placed:
+        ys, xs = np.nonzero(m)
+        assert m.sum() == a.sum()  # the same shape, moved
+        dy, dx = ys.min() - 28, xs.min() - 26
+        assert abs(dy) <= 16 + 1 and abs(dx) <= 16 + 1
+        offsets.add((int(dy), int(dx)))
+    assert len(offsets) > 1  # seeded shifts differ
+
+
+class _TwoDotGenerator:
+    """Every sample is two separate dots: a stroke broken into pieces."""
+
+    def __init__(self, section: MaskGeneratorSection):
+        self.section = section
+
+    def sample_soft(self, seeds):
+        import torch
+
+        soft = torch.zeros((len(seeds), 1, 32, 32))
+        soft[:, :, 8:12, 8:12] = 1.0
+        soft[:, :, 20:24, 20:24] = 1.0
+        return soft
+
+    def place(self, soft, size, seed):
+        return M.place_sample(soft, size, self.section, {}, seed)
+
+
+@pytest.mark.parametrize("max_pieces", [None, 1, 2])
+def test_masks_in_more_pieces_than_the_few_shot_ones_are_rejected(max_pieces):
+    section = MaskGeneratorSection(resolution=32, batch_size=4)
+    cfg = MasksSection(seed=0, generator=section, min_area=0.001, max_tries_per_mask=3)
+    fewshot = _mask(box=(10, 20, 12, 16))[None]
+    src = M.GeneratorMaskSource(
+        _TwoDotGenerator(section), cfg, seed=0, fallback=fewshot, max_pieces=max_pieces
+    )
+    masks = src.masks(2, 32)
+    broken = max_pieces == 1
+    assert src.rejected["pieces"] == (2 * 3 if broken else 0)
+    assert src.fallback_used == ({0, 1} if broken else set())
+    assert all(M.piece_count(m) == (1 if broken else 2) for m in masks)
+
+
+def test_max_pieces_comes_from_the_fewshot_masks(tmp_path):
+    one, two = _mask(box=(4, 8, 4, 8)), _mask(box=(4, 8, 4, 8))
+    two[20:24, 20:24] = True
+    for name, m in (("one", one), ("two", two)):
+        save_png(tmp_path / f"{name}.png", m.astype(np.uint8) * 255)
+    paths = [str(tmp_path / "one.png"), str(tmp_path / "two.png")]
+    assert M.fewshot_max_pieces(MasksSection(max_pieces_vs_fewshot=True), paths) == 2
+    assert M.fewshot_max_pieces(MasksSection(max_pieces_vs_fewshot=True), paths[:1]) == 1
+    assert M.fewshot_max_pieces(MasksSection(), paths) is None

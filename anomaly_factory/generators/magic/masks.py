@@ -7,8 +7,18 @@ with flips / right-angle rotations / shifts so that a handful of masks give a
 distribution rather than copies. Sampling uses DDIM (eta 0), so a mask is a
 deterministic function of its seed. Samples are upsampled, thresholded (0.8 in
 AnomalyDiffusion's generator) and rejected when empty, outside
-``masks.min_area .. max_area``, or covering more than ``max_border_fraction`` of
-any image border.
+``masks.min_area .. max_area``, covering more than ``max_border_fraction`` of
+any image border, or (``max_pieces_vs_fewshot``) broken into more pieces than
+any few-shot mask.
+
+``masks.generator.window`` says what the DDPM draws. ``image``: the whole image,
+so it learns shapes and positions at once. ``defect``: a square around each
+few-shot defect (``window_margin`` x the largest few-shot extent), so its cells
+are several times finer and it learns shapes only; a sample is placed at a
+seeded few-shot mask's centre, shifted by up to ``place_shift`` (on objects CAMA
+then moves it where it belongs). At 64 px over the whole image the demo's thin
+scratches and cracks came out as fragments of a third of their length; a 32-px
+defect window draws them at nearly full length (bench/RESULTS.md (q)).
 
 The public code instead reuses 504 masks per type from AnomalyDiffusion's
 generator: ``masks.source: folder`` takes masks from a folder
@@ -102,6 +112,21 @@ def read_mask(path: Path, source: MaskSource = "dataset") -> np.ndarray:
     return image_io.read_mask(path, source=source)
 
 
+def piece_count(mask: np.ndarray) -> int:
+    """Connected components of a bool mask (8-connectivity: a diagonal step joins)."""
+    import cv2
+
+    return int(cv2.connectedComponents(np.asarray(mask, np.uint8), connectivity=8)[0]) - 1
+
+
+def fewshot_max_pieces(cfg: MasksSection, mask_paths: list[str]) -> int | None:
+    """The most pieces a generated mask may have (``max_pieces_vs_fewshot``): as many as
+    the most fragmented few-shot mask, read at its own resolution; None when off."""
+    if not cfg.max_pieces_vs_fewshot or not mask_paths:
+        return None
+    return max(piece_count(read_mask(Path(p))) for p in mask_paths)
+
+
 def fewshot_masks(
     manifest_path: Path, category: str, anomaly_type: str, size: int
 ) -> tuple[np.ndarray, list[str]]:
@@ -120,6 +145,69 @@ def fewshot_masks(
 
 
 # --------------------------------------------------------------------------- the DDPM
+def fit_size(section: MaskGeneratorSection) -> int:
+    """The side the few-shot masks are read at for training: the generator's own for the
+    ``image`` window; finer for ``defect`` windows, which are cut out of them first."""
+    return section.resolution if section.window == "image" else 4 * section.resolution
+
+
+def defect_windows(masks: np.ndarray, section: MaskGeneratorSection) -> tuple[np.ndarray, dict]:
+    """Square windows around each mask's defect, at ``section.resolution``, and the
+    placement facts: the window side as a fraction of the image side and each few-shot
+    mask's box centre (y, x) as fractions.
+
+    One window side for all masks of a type (``window_margin`` x the largest box side),
+    so a cell means the same length in every training mask and sample.
+    """
+    n, h, w = masks.shape
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        if not len(ys):
+            raise InputError("mask generator: an empty training mask")
+        boxes.append((ys.min(), ys.max(), xs.min(), xs.max()))
+    extent = max(max(y1 - y0, x1 - x0) + 1 for y0, y1, x0, x1 in boxes)
+    side = int(min(max(h, w), np.ceil(section.window_margin * extent)))
+    crops, centres = [], []
+    for m, (y0, y1, x0, x1) in zip(masks, boxes, strict=True):
+        cy, cx = (y0 + y1 + 1) // 2, (x0 + x1 + 1) // 2
+        padded = np.pad(m, side)
+        top, left = cy + side - side // 2, cx + side - side // 2
+        crops.append(resize_mask(padded[top : top + side, left : left + side], section.resolution))
+        centres.append([(y0 + y1 + 1) / 2 / h, (x0 + x1 + 1) / 2 / w])
+    return np.stack(crops), {"window_fraction": side / max(h, w), "centres": centres}
+
+
+def place_sample(
+    soft: torch.Tensor,
+    size: int,
+    section: MaskGeneratorSection,
+    info: dict,
+    seed: int,
+) -> np.ndarray:
+    """A soft sample (1, r, r) as a bool ``size`` x ``size`` mask.
+
+    ``image`` window: upsampled and thresholded. ``defect`` window: upsampled to the
+    window's side at ``size``, thresholded, and pasted at a few-shot centre (chosen by
+    ``seed``) moved by up to ``place_shift``; what leaves the image is dropped.
+    """
+    if section.window == "image":
+        up = F.interpolate(soft[None], size=(size, size), mode="bilinear", align_corners=False)
+        return up[0, 0].numpy() > section.threshold
+    side = max(1, int(round(info["window_fraction"] * size)))
+    up = F.interpolate(soft[None], size=(side, side), mode="bilinear", align_corners=False)
+    window = up[0, 0].numpy() > section.threshold
+    rng = np.random.default_rng(seed)
+    cy, cx = info["centres"][int(rng.integers(len(info["centres"])))]
+    dy, dx = rng.uniform(-section.place_shift, section.place_shift, 2)
+    top = int(round((cy + dy) * size)) - side // 2
+    left = int(round((cx + dx) * size)) - side // 2
+    canvas = np.zeros((size + 2 * side, size + 2 * side), bool)
+    top, left = int(np.clip(top, -side, size)), int(np.clip(left, -side, size))
+    canvas[top + side : top + 2 * side, left + side : left + 2 * side] = window
+    return canvas[side : side + size, side : side + size]
+
+
 def build_mask_unet(section: MaskGeneratorSection):
     """A small unconditional UNet over 1-channel masks at ``section.resolution``."""
     from diffusers import UNet2DModel
@@ -177,6 +265,9 @@ class MaskGenerator:
         if len(masks) == 0:
             raise InputError("mask generator: no training masks")
         r = section.resolution
+        window: dict = {}
+        if section.window == "defect":
+            masks, window = defect_windows(np.asarray(masks, bool), section)
         data = torch.from_numpy(np.stack([resize_mask(m, r) for m in masks])).float()
         data = data[:, None] * 2 - 1
         gen = torch.Generator().manual_seed(seed)
@@ -201,8 +292,12 @@ class MaskGenerator:
             loss.backward()
             opt.step()
         unet.eval().requires_grad_(False)
-        info = {"n_train": len(masks), "seed": seed, "final_loss": float(loss.detach())}
+        info = {"n_train": len(masks), "seed": seed, "final_loss": float(loss.detach()), **window}
         return cls(unet, section, info)
+
+    def place(self, soft: torch.Tensor, size: int, seed: int) -> np.ndarray:
+        """One soft sample as a bool ``size`` x ``size`` mask (:func:`place_sample`)."""
+        return place_sample(soft, size, self.section, self.info, seed)
 
     @torch.no_grad()
     def sample_soft(self, seeds: list[int]) -> torch.Tensor:
@@ -267,10 +362,12 @@ class GeneratorMaskSource:
         seed: int,
         fallback: np.ndarray | None = None,
         min_area: float = 0.0,
+        max_pieces: int | None = None,
     ):
         self.generator, self.cfg, self.seed = generator, cfg, seed
         self.min_area = min_area  # besides cfg.min_area: from the few-shot masks
-        self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0}
+        self.max_pieces = max_pieces  # from the few-shot masks; None: any number
+        self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0, "pieces": 0}
         # few-shot masks (N, H, W) to augment when the generator keeps failing
         self.fallback = fallback
         self.fallback_used: set[int] = set()
@@ -290,18 +387,18 @@ class GeneratorMaskSource:
 
     def _chunk(self, indices: list[int], size: int) -> list[np.ndarray]:
         found: dict[int, np.ndarray] = {}
-        threshold = self.cfg.generator.threshold
         for j in range(self.cfg.max_tries_per_mask):
             pending = [i for i in indices if i not in found]
             if not pending:
                 break
             soft = self.generator.sample_soft([derive_seed(self.seed, i, j) for i in pending])
-            soft = F.interpolate(soft, size=(size, size), mode="bilinear", align_corners=False)
             for i, s in zip(pending, soft, strict=True):
                 # Absolute threshold only: a peak-relative fallback turned empty samples
                 # into 1-3 px corner dots that passed min_area (bench/RESULTS.md (k)).
-                m = s[0].numpy() > threshold
+                m = self.generator.place(s, size, derive_seed(self.seed, i, j, "place"))
                 reason = _accept(m, self.cfg, self.min_area)
+                if reason is None and self.max_pieces is not None:
+                    reason = "pieces" if piece_count(m) > self.max_pieces else None
                 if reason is None:
                     found[i] = m
                 else:
@@ -402,7 +499,7 @@ def load_or_train_generator(
                 f"delete the folder to retrain"
             )
         return gen
-    train, _ = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
+    train, _ = fewshot_masks(manifest_path, category, anomaly_type, fit_size(cfg.generator))
     gen = MaskGenerator.fit(train, cfg.generator, derive_seed(cfg.seed, category, anomaly_type))
     if folder is not None:
         gen.save(folder)
@@ -425,7 +522,9 @@ def mask_source(
     gen = load_or_train_generator(cfg, manifest_path, category, anomaly_type, generator_dir)
     fewshot, paths = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
     fallback = fewshot if cfg.fallback_to_fewshot else None
-    return GeneratorMaskSource(gen, cfg, seed, fallback, fewshot_min_area(cfg, paths))
+    return GeneratorMaskSource(
+        gen, cfg, seed, fallback, fewshot_min_area(cfg, paths), fewshot_max_pieces(cfg, paths)
+    )
 
 
 def nearest_iou(masks: list[np.ndarray], train: np.ndarray) -> np.ndarray:
