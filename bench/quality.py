@@ -165,13 +165,20 @@ def lowest_kid_rows(types: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def detect_rows(
-    cfg: FactoryConfig, all_pairs: list[Path], manifest: Path, work: Path, seeds: int = 1
+    cfg: FactoryConfig,
+    all_pairs: list[Path],
+    manifest: Path,
+    work: Path,
+    seeds: int = 1,
+    reuse: bool = False,
 ) -> list:
     """Downstream detectors on every generator's pairs, trained with ``seeds`` detector
     seeds (0, 1, ...): mean and, with more than one, standard deviation per metric.
 
     One detector training on 6 pairs a type moves pixel AUROC by up to 0.3 run to run
     (RESULTS (n)); several seeds say which generator's pairs train better on average.
+    ``reuse`` keeps a seed's ``detector_metrics.json`` from an earlier run of the same
+    work folder (same pairs), so more seeds only train the new ones.
     """
     from anomaly_factory.detectors.run import run_detectors
     from anomaly_factory.manifest import read_pairs, write_pairs
@@ -184,7 +191,10 @@ def detect_rows(
     for seed in range(seeds):
         seeded = cfg.model_copy(update={"detector": cfg.detector.model_copy(update={"seed": seed})})
         out_dir = work / ("detect" if seed == 0 else f"detect-seed{seed}")
-        out = json.loads(run_detectors(seeded, path, manifest, out_dir).read_text())
+        done = out_dir / "detector_metrics.json"
+        if not (reuse and done.is_file()):
+            done = run_detectors(seeded, path, manifest, out_dir)
+        out = json.loads(done.read_text())
         tables.append(pd.DataFrame(out["rows"]).assign(detector_seed=seed))
     table = pd.concat(tables, ignore_index=True)
     rows = []
@@ -255,6 +265,11 @@ def main() -> None:
     ap.add_argument(
         "--detector-seeds", type=int, default=1, help="detector trainings per generator (mean, sd)"
     )
+    ap.add_argument(
+        "--reuse-detect",
+        action="store_true",
+        help="keep seeds already trained in --work (same pairs): only new seeds train",
+    )
     args = ap.parse_args()
 
     work = args.work.resolve()
@@ -277,7 +292,9 @@ def main() -> None:
     detect = (
         []
         if args.no_detect
-        else detect_rows(cfg, list(pairs.values()), manifest, work, args.detector_seeds)
+        else detect_rows(
+            cfg, list(pairs.values()), manifest, work, args.detector_seeds, args.reuse_detect
+        )
     )
     if detect:
         print()
