@@ -159,7 +159,7 @@ def defect_windows(masks: np.ndarray, section: MaskGeneratorSection) -> tuple[np
     One window side for all masks of a type (``window_margin`` x the largest box side),
     so a cell means the same length in every training mask and sample.
     """
-    n, h, w = masks.shape
+    _, h, w = masks.shape
     boxes = []
     for m in masks:
         ys, xs = np.nonzero(m)
