@@ -186,6 +186,16 @@ class TinyModelSection(Section):
         description="base: bundled: loss weight of the few-shot defect pixels in the decoder "
         "adaptation (1: unweighted); a defect covers 1-3% of its image",
     )
+    pretrain_defect_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0,
+        description="base: bundled: share of each decoder-adaptation batch drawn from the "
+        "few-shot images with a defect (0: every image alike)",
+    )
+    pretrain_defect_crops: bool = Field(
+        default=False,
+        description="base: bundled: a few-shot image's crop in the decoder adaptation holds "
+        "its defect (false: anywhere, missing a small defect most of the time)",
+    )
     pretrain_crop: PositiveInt | None = Field(
         default=64, description="VAE pretraining on random crops of this size (None: whole)"
     )

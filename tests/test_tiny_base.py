@@ -154,6 +154,46 @@ def test_defect_weights_make_the_adapted_decoder_render_the_defect(small_base):
     assert weighted < 0.7 * plain
 
 
+def test_every_defect_crop_holds_its_defect_cell_anywhere_in_the_crop():
+    """A defect image's crop holds its defect cell, at every offset it can take; an image
+    without one is cropped uniformly."""
+    cells = torch.zeros(8, 8, dtype=torch.bool)
+    cells[1, 6] = True
+    gen = torch.Generator().manual_seed(0)
+    origins = {pretrain.crop_origin(cells, 8, 4, gen) for _ in range(400)}
+    assert all(y <= 1 < y + 4 and x <= 6 < x + 4 for y, x in origins)
+    assert {y for y, _ in origins} == {0, 1} and {x for _, x in origins} == {3, 4}
+    free = {pretrain.crop_origin(None, 8, 4, gen) for _ in range(400)}
+    assert free == {(y, x) for y in range(5) for x in range(5)}
+
+
+def test_defect_batches_and_crops_render_a_small_defect_that_weighting_alone_misses(small_base):
+    """Two defect images among twelve, a 3 px defect in a corner, 16 px crops of 32: with
+    half of each batch from the defect images and crops that hold the defect, the
+    decoder learns its colour at the same step count."""
+    root, _ = small_base
+    images = tiny_base.to_tensor(tiny_base.procedural_images(12, 32, seed=5))
+    masks = torch.zeros(12, 1, 32, 32)
+    masks[:2, :, 2:5, 26:29] = 1.0
+    images = torch.where(masks > 0.5, torch.tensor([-1.0, -1.0, -1.0])[:, None, None], images)
+    weights = pretrain.defect_weights(masks, 20.0)
+
+    def in_mask_error(share: float, crops: bool) -> float:
+        torch.manual_seed(0)
+        vae = models.tiny_start(small_config(root)).vae
+        gen = torch.Generator().manual_seed(0)
+        pretrain.adapt_decoder(
+            vae, images, 40, 3e-3, 4, 16, gen, None, weights, False, masks, share, crops
+        )
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(images[:2]).latent_dist.mean).sample
+        return float(((recon - images[:2]) ** 2).mean(1, keepdim=True)[masks[:2] > 0.5].mean())
+
+    weighted = in_mask_error(0.0, False)
+    focused = in_mask_error(0.5, True)
+    assert focused < 0.7 * weighted, (focused, weighted)
+
+
 def test_a_damaged_snapshot_is_refused(small_base, tmp_path):
     import shutil
 

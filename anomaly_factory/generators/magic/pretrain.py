@@ -116,6 +116,53 @@ def defect_weights(masks: torch.Tensor, weight: float) -> torch.Tensor:
     return 1.0 + (weight - 1.0) * (masks > 0.5).float()
 
 
+def defect_batch(
+    has_defect: torch.Tensor, n: int, share: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Indices of one batch: ``round(n * share)`` images with a defect, the rest without.
+
+    Uniform over every image when ``share`` is 0 or one group is empty. Drawn
+    uniformly, the 8 few-shot images among the demo's 58 fill 14% of a batch.
+
+    >>> has = torch.tensor([False, False, False, True])
+    >>> idx = defect_batch(has, 4, 0.5, torch.Generator().manual_seed(0))
+    >>> sorted(has[idx].tolist())
+    [False, False, True, True]
+    """
+    pos, neg = torch.nonzero(has_defect)[:, 0], torch.nonzero(~has_defect)[:, 0]
+    k = int(round(n * share))
+    if k == 0 or len(pos) == 0 or len(neg) == 0:
+        return torch.randint(0, len(has_defect), (n,), generator=gen)
+    return torch.cat(
+        [
+            pos[torch.randint(0, len(pos), (k,), generator=gen)],
+            neg[torch.randint(0, len(neg), (n - k,), generator=gen)],
+        ]
+    )
+
+
+def crop_origin(
+    cells: torch.Tensor | None, size: int, cell: int, gen: torch.Generator
+) -> tuple[int, int]:
+    """Top-left latent cell of a ``cell``-wide crop of a ``size``-wide latent grid.
+
+    With ``cells`` ((size, size) bool, the image's defect cells) the crop holds a
+    random one of them, placed anywhere in the crop: at 64 px of 128 a uniform crop
+    misses a 1-3% defect three times in four.
+    """
+    if cells is None or not bool(cells.any()):
+        y, x = torch.randint(0, size - cell + 1, (2,), generator=gen).tolist()
+        return y, x
+    ys, xs = torch.nonzero(cells, as_tuple=True)
+    k = int(torch.randint(0, len(ys), (1,), generator=gen))
+
+    def around(c: int) -> int:
+        lo, hi = max(0, c - cell + 1), min(size - cell, c)
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    return around(int(ys[k])), around(int(xs[k]))
+
+
 def adapt_decoder(
     vae: AutoencoderKL,
     images: torch.Tensor,
@@ -127,6 +174,9 @@ def adapt_decoder(
     progress=None,
     weights: torch.Tensor | None = None,
     bf16_autocast: bool = False,
+    masks: torch.Tensor | None = None,
+    defect_share: float = 0.0,
+    defect_crops: bool = False,
 ) -> float:
     """Fine-tune only the decoder to reconstruct ``images`` from their frozen latents; last loss.
 
@@ -135,7 +185,11 @@ def adapt_decoder(
     corrected for one category's images. Crops are aligned to the latent grid.
     ``weights`` ((N, 1, H, W), optional) weigh each pixel's error: a few-shot defect
     covers 1-3% of its image, and unweighted the decoder renders it in the
-    background's colours (:func:`defect_weights`).
+    background's colours (:func:`defect_weights`). With ``masks`` (the defects,
+    (N, 1, H, W)), ``defect_share`` of each batch are images with a defect
+    (:func:`defect_batch`) and, with ``defect_crops``, their crops hold it
+    (:func:`crop_origin`): weighting alone left thin dark cracks grey smears
+    (bench/RESULTS.md (r)).
     """
     if steps == 0:
         return float("nan")
@@ -148,26 +202,34 @@ def adapt_decoder(
                 for i in range(0, len(images), 32)
             ]
         )
+    size = latents.shape[-1]
+    cell = size if crop is None else max(1, min(size, crop // factor))
+    cells = None if masks is None else F.max_pool2d((masks > 0.5).float(), factor)[:, 0] > 0
+    has_defect = (
+        torch.zeros(len(images), dtype=torch.bool) if cells is None else cells.flatten(1).any(1)
+    )
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
     schedule = _lr_schedule(opt, lr, steps)
     vae.decoder.train().requires_grad_(True)
     task = progress.add_task("adapt VAE decoder", total=steps) if progress else None
-    size = latents.shape[-1]
-    cell = size if crop is None else max(1, min(size, crop // factor))
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        y, x = torch.randint(0, size - cell + 1, (2,), generator=gen).tolist()
-        z = latents[idx][..., y : y + cell, x : x + cell]
-        window = (
-            ...,
-            slice(y * factor, (y + cell) * factor),
-            slice(x * factor, (x + cell) * factor),
-        )
-        target = images[idx][window].to(device)
+        zs, targets, ws = [], [], []
+        for i in defect_batch(has_defect, batch_size, defect_share, gen).tolist():
+            y, x = crop_origin(cells[i] if defect_crops else None, size, cell, gen)
+            zs.append(latents[i, :, y : y + cell, x : x + cell])
+            window = (
+                ...,
+                slice(y * factor, (y + cell) * factor),
+                slice(x * factor, (x + cell) * factor),
+            )
+            targets.append(images[i][window])
+            if weights is not None:
+                ws.append(weights[i][window])
+        target = torch.stack(targets).to(device)
         with cpu_bf16_autocast(bf16_autocast, device):
-            recon = vae.decode(z).sample
-        w = None if weights is None else weights[idx][window].to(device)
+            recon = vae.decode(torch.stack(zs)).sample
+        w = torch.stack(ws).to(device) if ws else None
         loss = reconstruction_loss(recon.float(), target, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -364,6 +426,9 @@ def pretrain_tiny(
                 progress,
                 weights,
                 tiny.pretrain_bf16_autocast,
+                masks,
+                tiny.pretrain_defect_share,
+                tiny.pretrain_defect_crops,
             )
         unet_loss = train_inpainting(
             pipe,
