@@ -57,7 +57,9 @@ def main() -> None:
             "peak_rss_tree_gb": round(peak / 2**30, 3),
             "target_s": TARGET_S,
             "target_gb": TARGET_GB,
-            "within_target": wall <= TARGET_S and peak / 2**30 <= TARGET_GB,
+            "within_target": proc.returncode == 0
+            and wall <= TARGET_S
+            and peak / 2**30 <= TARGET_GB,
         }
     ]
     report("e2e", rows)

@@ -215,8 +215,10 @@ def adapt_decoder(
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         zs, targets, ws = [], [], []
-        for i in defect_batch(has_defect, batch_size, defect_share, gen).tolist():
-            y, x = crop_origin(cells[i] if defect_crops else None, size, cell, gen)
+        idx = defect_batch(has_defect, batch_size, defect_share, gen).tolist()
+        shared = None if defect_crops else crop_origin(None, size, cell, gen)  # one window
+        for i in idx:
+            y, x = shared or crop_origin(cells[i], size, cell, gen)
             zs.append(latents[i, :, y : y + cell, x : x + cell])
             window = (
                 ...,
