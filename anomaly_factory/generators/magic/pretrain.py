@@ -216,8 +216,8 @@ def adapt_decoder(
     for _ in range(steps):
         zs, targets, ws = [], [], []
         idx = defect_batch(has_defect, batch_size, defect_share, gen).tolist()
-        shared = None if defect_crops else crop_origin(None, size, cell, gen)  # one window
-        for i in idx:
+        shared = None if defect_crops and cells is not None else crop_origin(None, size, cell, gen)
+        for i in idx:  # uniform crops share one window, as they always did
             y, x = shared or crop_origin(cells[i], size, cell, gen)
             zs.append(latents[i, :, y : y + cell, x : x + cell])
             window = (
