@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionInpaintPipeli
 
 from anomaly_factory.config import TinyModelSection
 from anomaly_factory.generators.magic.precision import cpu_bf16_autocast
+from anomaly_factory.generators.magic.sampler import latent_mask
 from anomaly_factory.generators.magic.training import (
     _randn,
     encode_prompt,
@@ -204,10 +205,10 @@ def adapt_decoder(
         )
     size = latents.shape[-1]
     cell = size if crop is None else max(1, min(size, crop // factor))
-    cells = None if masks is None else F.max_pool2d((masks > 0.5).float(), factor)[:, 0] > 0
-    has_defect = (
-        torch.zeros(len(images), dtype=torch.bool) if cells is None else cells.flatten(1).any(1)
-    )
+    cells = None if masks is None else latent_mask(masks, size, "coverage")[:, 0] > 0
+    has_defect = torch.zeros(len(images), dtype=torch.bool)
+    if cells is not None:
+        has_defect = cells.flatten(1).any(1)
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
     schedule = _lr_schedule(opt, lr, steps)
     vae.decoder.train().requires_grad_(True)
