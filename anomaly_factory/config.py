@@ -517,6 +517,12 @@ class GenerateSection(Section):
         "latents noised to the first timestep, as training saw x_T (a latent space with large "
         "channel means, as the tiny VAE's, otherwise comes out shifted in colour)",
     )
+    blend_known: bool = Field(
+        default=False,
+        description="After every DDIM step, set the latent cells outside the mask to the normal's "
+        "latents noised to the next timestep (diffusers' 4-channel inpainting; blended latent "
+        "diffusion): the defect stays in the mask's cells and the UNet sees the exact context",
+    )
     gpp_mismatch: Literal["error", "warn"] = Field(
         default="error",
         description="When generate.gpp differs from the checkpoint's training GPP (the paper's "

@@ -353,3 +353,55 @@ def test_noised_image_start_keeps_the_background_with_the_bundled_base(tiny_conf
         err[init] = float(np.abs(out * 255 - img[None])[:, ~m].mean())
     print(f"outside-mask error (grey levels): {err}")
     assert err["noised_image"] < 15 and err["noise"] > 40
+
+
+def _spy_unet(pipe, monkeypatch) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    real = pipe.unet.forward
+
+    def spy(sample, t, **kw):
+        seen.append(sample[:, :4].clone())
+        return real(sample, t, **kw)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    return seen
+
+
+def test_blend_known_holds_the_noised_normal_outside_the_mask_every_step(pipe, inputs, monkeypatch):
+    """blend_known: after each step the cells outside the mask are the image's latents noised
+    to the next timestep with the run's first noise (diffusers' 4-channel loop), and the
+    decoded latents are the image's own there; inside they are sampled. Off, they are not."""
+    images, masks = inputs[0][:1], inputs[1][:1]
+    decoded = []
+    real_decode = pipe.vae.decode
+
+    def spy_decode(z, *a, **kw):
+        decoded.append(z.clone())
+        return real_decode(z, *a, **kw)
+
+    monkeypatch.setattr(pipe.vae, "decode", spy_decode)
+    seen = _spy_unet(pipe, monkeypatch)
+    image = pipe.image_processor.preprocess([Image.fromarray(images[0])], height=RES, width=RES)
+    z0 = S.image_latents(pipe, image)
+    cells = S.latent_mask(torch.from_numpy(masks[0]).float()[None, None], z0.shape[-2:], "coverage")
+    outside = (cells[0, 0] < 0.5).expand_as(z0[0])
+    for blend in (True, False):
+        seen.clear()
+        decoded.clear()
+        opts = S.SamplerOptions(steps=3, latent_mask="coverage", blend_known=blend)
+        S.magic_inpaint(pipe, images, masks, [5], PROMPT, opts)
+        noise, timesteps = seen[0][:1], pipe.scheduler.timesteps
+        final = decoded[0] * pipe.vae.config.scaling_factor
+        for i in (1, 2):
+            want = pipe.scheduler.add_noise(z0, noise, timesteps[i : i + 1])
+            close = torch.allclose(seen[i][0][outside], want[0][outside], atol=1e-5)
+            assert close == blend
+        assert torch.allclose(final[0][outside], z0[0][outside], atol=1e-5) == blend
+        assert not torch.allclose(final[0][~outside], z0[0][~outside], atol=1e-2)
+
+
+def test_blend_known_is_on_in_the_tiny_profile_and_off_in_the_paper_profile():
+    from anomaly_factory.config import load_config
+
+    assert load_config(profile="tiny").generate.blend_known
+    assert not load_config(profile="paper").generate.blend_known

@@ -80,7 +80,8 @@ class SamplerOptions:
     feather_px: int = 3
     latent_mask: str = "nearest"  # the stock pipeline's; the config's default is "coverage"
     latent_mask_min_coverage: float = 0.0
-    init_latents: str = "noise"  # the stock pipeline's; "noised_image": see start_latents
+    init_latents: str = "noise"  # the stock pipeline's; "noised_image": see image_latents
+    blend_known: bool = False  # the 9-channel stock pipeline's; True: see blend_known
 
     @classmethod
     def from_config(cls, g: GenerateSection) -> SamplerOptions:
@@ -105,6 +106,7 @@ class SamplerOptions:
             latent_mask=g.latent_mask,
             latent_mask_min_coverage=g.latent_mask_min_coverage,
             init_latents=g.init_latents,
+            blend_known=g.blend_known,
         )
 
 
@@ -286,8 +288,12 @@ def magic_inpaint(
         )
         mask = torch.cat([grid.to(device=mask.device, dtype=mask.dtype)] * 2)
     mask_latent = mask[:n]  # binary, on the latent grid
+    noise = latents
+    z0 = None
+    if options.init_latents == "noised_image" or options.blend_known:
+        z0 = image_latents(pipe, init_image.to(device)).to(noise.dtype)
     if options.init_latents == "noised_image":
-        latents = start_latents(pipe, init_image.to(device), latents, timesteps[:1])
+        latents = pipe.scheduler.add_noise(z0, noise, timesteps[:1])
 
     # 4. denoising loop
     w_in = sag_schedule(options.w_m, options.w_d, len(timesteps)).tolist()
@@ -298,6 +304,8 @@ def magic_inpaint(
         eps_u, eps_c = noise_pred.chunk(2)
         eps = spatially_adaptive_guidance(eps_u, eps_c, mask_latent, w_in[i], options.w_d)
         latents = _ddim_step(pipe.scheduler, eps, t, latents, mask_latent, options, generators, i)
+        if options.blend_known:
+            latents = blend_known(pipe.scheduler, latents, z0, noise, mask_latent, timesteps, i)
 
     # 5. decode, optional paste-back
     decoded = pipe.vae.decode(
@@ -312,20 +320,44 @@ def magic_inpaint(
 
 
 @torch.no_grad()
-def start_latents(pipe, image: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_T as training made it: the image's latents noised to timestep ``t``.
+def image_latents(pipe, image: torch.Tensor) -> torch.Tensor:
+    """The image's scaled latents (posterior mode): the known content of inpainting.
 
-    With SD's schedule x_T keeps sqrt(alpha_bar_T) ~ 0.07 of the signal, and a UNet
-    reads the latents' channel means from it. The tiny VAE's latents have means of up
-    to 1.1 (scaled), so from pure noise the tiny UNet drew the whole latent, the defect
-    included, shifted towards zero: tile cracks came out pink, not dark grey
+    ``init_latents: noised_image`` starts from them noised to the first timestep, x_T as
+    training made it. With SD's schedule x_T keeps sqrt(alpha_bar_T) ~ 0.07 of the signal,
+    and a UNet reads the latents' channel means from it. The tiny VAE's latents have means
+    of up to 1.1 (scaled), so from pure noise the tiny UNet drew the whole latent, the
+    defect included, shifted towards zero: tile cracks came out pink, not dark grey
     (bench/RESULTS.md (k)). The normal image's latents under the mask weigh 0.07 and the
-    defect is still drawn there. ``noise`` is the one ``prepare_latents`` drew, so the
+    defect is still drawn there. The noise is the one ``prepare_latents`` drew, so the
     generator streams stay as in the stock order.
     """
     vae = pipe.vae
-    z0 = vae.encode(image.to(dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-    return pipe.scheduler.add_noise(z0.to(noise.dtype), noise, t)
+    return vae.encode(image.to(dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+
+def blend_known(
+    scheduler,
+    latents: torch.Tensor,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    mask_latent: torch.Tensor,
+    timesteps: torch.Tensor,
+    i: int,
+) -> torch.Tensor:
+    """Latents after step ``i`` with the cells outside the mask replaced by the known image's.
+
+    This is diffusers' inpainting loop for 4-channel UNets (and blended latent diffusion):
+    the known latents ``z0`` noised with the run's first ``noise`` to the next timestep, or
+    ``z0`` itself after the last step. The 9-channel UNet otherwise redraws the whole latent
+    and, on a few-shot fine-tune, spreads a thin crack into a blob over the neighbouring
+    cells; paste-back then keeps only the blob's pale edge inside the mask
+    (bench/RESULTS.md (s)).
+    """
+    known = (
+        z0 if i + 1 >= len(timesteps) else scheduler.add_noise(z0, noise, timesteps[i + 1 : i + 2])
+    )
+    return mask_latent * latents + (1 - mask_latent) * known
 
 
 def _ddim_step(
