@@ -523,6 +523,11 @@ class GenerateSection(Section):
         "latents noised to the next timestep (diffusers' 4-channel inpainting; blended latent "
         "diffusion): the defect stays in the mask's cells and the UNet sees the exact context",
     )
+    blend_known_margin: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=0,
+        description="blend_known: latent cells around the mask left to the UNet as well, so a "
+        "small defect is not squeezed into its own cells (paste-back still keeps the mask only)",
+    )
     gpp_mismatch: Literal["error", "warn"] = Field(
         default="error",
         description="When generate.gpp differs from the checkpoint's training GPP (the paper's "

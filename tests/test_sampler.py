@@ -367,10 +367,14 @@ def _spy_unet(pipe, monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
-def test_blend_known_holds_the_noised_normal_outside_the_mask_every_step(pipe, inputs, monkeypatch):
-    """blend_known: after each step the cells outside the mask are the image's latents noised
-    to the next timestep with the run's first noise (diffusers' 4-channel loop), and the
-    decoded latents are the image's own there; inside they are sampled. Off, they are not."""
+@pytest.mark.parametrize("margin", [0, 1])
+def test_blend_known_holds_the_noised_normal_outside_the_mask_every_step(
+    pipe, inputs, monkeypatch, margin
+):
+    """blend_known: after each step the cells outside the mask (grown by ``margin`` cells)
+    are the image's latents noised to the next timestep with the run's first noise
+    (diffusers' 4-channel loop), and the decoded latents are the image's own there; the
+    mask's cells and the margin's ring are sampled. Off, nothing is held."""
     images, masks = inputs[0][:1], inputs[1][:1]
     decoded = []
     real_decode = pipe.vae.decode
@@ -384,11 +388,16 @@ def test_blend_known_holds_the_noised_normal_outside_the_mask_every_step(pipe, i
     image = pipe.image_processor.preprocess([Image.fromarray(images[0])], height=RES, width=RES)
     z0 = S.image_latents(pipe, image)
     cells = S.latent_mask(torch.from_numpy(masks[0]).float()[None, None], z0.shape[-2:], "coverage")
-    outside = (cells[0, 0] < 0.5).expand_as(z0[0])
+    grown = S.grow_cells(cells, margin)[0, 0] > 0.5
+    ring = (grown & (cells[0, 0] < 0.5)).expand_as(z0[0])
+    outside = (~grown).expand_as(z0[0])
+    assert ring.any() == bool(margin)
     for blend in (True, False):
         seen.clear()
         decoded.clear()
-        opts = S.SamplerOptions(steps=3, latent_mask="coverage", blend_known=blend)
+        opts = S.SamplerOptions(
+            steps=3, latent_mask="coverage", blend_known=blend, blend_known_margin=margin
+        )
         S.magic_inpaint(pipe, images, masks, [5], PROMPT, opts)
         noise, timesteps = seen[0][:1], pipe.scheduler.timesteps
         final = decoded[0] * pipe.vae.config.scaling_factor
@@ -397,7 +406,19 @@ def test_blend_known_holds_the_noised_normal_outside_the_mask_every_step(pipe, i
             close = torch.allclose(seen[i][0][outside], want[0][outside], atol=1e-5)
             assert close == blend
         assert torch.allclose(final[0][outside], z0[0][outside], atol=1e-5) == blend
-        assert not torch.allclose(final[0][~outside], z0[0][~outside], atol=1e-2)
+        assert not torch.allclose(
+            final[0][grown.expand_as(z0[0])], z0[0][grown.expand_as(z0[0])], atol=1e-2
+        )
+        if margin:
+            assert not torch.allclose(final[0][ring], z0[0][ring], atol=1e-2)
+
+
+def test_grow_cells_is_a_square_dilation():
+    m = torch.zeros(1, 1, 6, 6)
+    m[0, 0, 2, 3] = 1
+    grown = S.grow_cells(m, 1)[0, 0]
+    assert grown.sum() == 9 and grown[1:4, 2:5].all()
+    assert torch.equal(S.grow_cells(m, 0), m)
 
 
 def test_blend_known_is_on_in_the_tiny_profile_and_off_in_the_paper_profile():

@@ -82,6 +82,7 @@ class SamplerOptions:
     latent_mask_min_coverage: float = 0.0
     init_latents: str = "noise"  # the stock pipeline's; "noised_image": see image_latents
     blend_known: bool = False  # the 9-channel stock pipeline's; True: see blend_known
+    blend_known_margin: int = 0  # latent cells around the mask that blend_known leaves free
 
     @classmethod
     def from_config(cls, g: GenerateSection) -> SamplerOptions:
@@ -107,6 +108,7 @@ class SamplerOptions:
             latent_mask_min_coverage=g.latent_mask_min_coverage,
             init_latents=g.init_latents,
             blend_known=g.blend_known,
+            blend_known_margin=g.blend_known_margin,
         )
 
 
@@ -295,6 +297,7 @@ def magic_inpaint(
     if options.init_latents == "noised_image":
         latents = pipe.scheduler.add_noise(z0, noise, timesteps[:1])
 
+    free = grow_cells(mask_latent, options.blend_known_margin)  # cells blend_known leaves
     # 4. denoising loop
     w_in = sag_schedule(options.w_m, options.w_d, len(timesteps)).tolist()
     for i, t in enumerate(timesteps):
@@ -305,7 +308,7 @@ def magic_inpaint(
         eps = spatially_adaptive_guidance(eps_u, eps_c, mask_latent, w_in[i], options.w_d)
         latents = _ddim_step(pipe.scheduler, eps, t, latents, mask_latent, options, generators, i)
         if options.blend_known:
-            latents = blend_known(pipe.scheduler, latents, z0, noise, mask_latent, timesteps, i)
+            latents = blend_known(pipe.scheduler, latents, z0, noise, free, timesteps, i)
 
     # 5. decode, optional paste-back
     decoded = pipe.vae.decode(
@@ -334,6 +337,13 @@ def image_latents(pipe, image: torch.Tensor) -> torch.Tensor:
     """
     vae = pipe.vae
     return vae.encode(image.to(dtype=vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+
+def grow_cells(mask: torch.Tensor, cells: int) -> torch.Tensor:
+    """A binary (B, 1, h, w) latent mask grown by ``cells`` in every direction (square)."""
+    if cells <= 0:
+        return mask
+    return F.max_pool2d(mask, 2 * cells + 1, stride=1, padding=cells)
 
 
 def blend_known(
