@@ -419,10 +419,3 @@ def test_grow_cells_is_a_square_dilation():
     grown = S.grow_cells(m, 1)[0, 0]
     assert grown.sum() == 9 and grown[1:4, 2:5].all()
     assert torch.equal(S.grow_cells(m, 0), m)
-
-
-def test_blend_known_is_on_in_the_tiny_profile_and_off_in_the_paper_profile():
-    from anomaly_factory.config import load_config
-
-    assert load_config(profile="tiny").generate.blend_known
-    assert not load_config(profile="paper").generate.blend_known
