@@ -297,7 +297,7 @@ def magic_inpaint(
     if options.init_latents == "noised_image":
         latents = pipe.scheduler.add_noise(z0, noise, timesteps[:1])
 
-    free = grow_cells(mask_latent, options.blend_known_margin)  # cells blend_known leaves
+    drawn = grow_cells(mask_latent, options.blend_known_margin)  # cells blend_known leaves
     # 4. denoising loop
     w_in = sag_schedule(options.w_m, options.w_d, len(timesteps)).tolist()
     for i, t in enumerate(timesteps):
@@ -308,7 +308,7 @@ def magic_inpaint(
         eps = spatially_adaptive_guidance(eps_u, eps_c, mask_latent, w_in[i], options.w_d)
         latents = _ddim_step(pipe.scheduler, eps, t, latents, mask_latent, options, generators, i)
         if options.blend_known:
-            latents = blend_known(pipe.scheduler, latents, z0, noise, free, timesteps, i)
+            latents = blend_known(pipe.scheduler, latents, z0, noise, drawn, timesteps, i)
 
     # 5. decode, optional paste-back
     decoded = pipe.vae.decode(
@@ -351,23 +351,24 @@ def blend_known(
     latents: torch.Tensor,
     z0: torch.Tensor,
     noise: torch.Tensor,
-    mask_latent: torch.Tensor,
+    drawn: torch.Tensor,
     timesteps: torch.Tensor,
     i: int,
 ) -> torch.Tensor:
-    """Latents after step ``i`` with the cells outside the mask replaced by the known image's.
+    """Latents after step ``i`` with the cells outside ``drawn`` replaced by the known image's.
 
     This is diffusers' inpainting loop for 4-channel UNets (and blended latent diffusion):
     the known latents ``z0`` noised with the run's first ``noise`` to the next timestep, or
     ``z0`` itself after the last step. The 9-channel UNet otherwise redraws the whole latent
     and, on a few-shot fine-tune, spreads a thin crack into a blob over the neighbouring
-    cells; paste-back then keeps only the blob's pale edge inside the mask
-    (bench/RESULTS.md (s)).
+    cells, of which paste-back keeps a grey-olive line. Held, the cracks come out darker,
+    but on the demo the region KIDs did not move, so the tiny profile leaves it off
+    (bench/RESULTS.md (s)). ``drawn`` is the latent mask, grown by ``blend_known_margin``.
     """
     known = (
         z0 if i + 1 >= len(timesteps) else scheduler.add_noise(z0, noise, timesteps[i + 1 : i + 2])
     )
-    return mask_latent * latents + (1 - mask_latent) * known
+    return drawn * latents + (1 - drawn) * known
 
 
 def _ddim_step(
