@@ -333,6 +333,12 @@ class MasksSection(Section):
         description="Reject generated masks with more connected components than any few-shot "
         "mask of the type has (a stroke broken into fragments)",
     )
+    min_elongation_vs_fewshot: Fraction = Field(
+        default=0.0,
+        description="Reject generated masks less elongated (length over width) than this "
+        "fraction of the type's least elongated few-shot mask: a stub where the type's "
+        "defects are strokes (0: off)",
+    )
     fallback_to_fewshot: bool = Field(
         default=True,
         description="After max_tries_per_mask rejections, use an augmented few-shot mask "
@@ -756,6 +762,12 @@ class TypeGatesSection(Section):
     )
     region_context: NonNegative = Field(
         default=0.5, description="Margin around the mask's box, as a fraction of its side"
+    )
+    region_window: Literal["inside", "centred"] = Field(
+        default="inside",
+        description="inside: the crop window is moved to stay within the image (the defect "
+        "off-centre); centred: centred on the defect, zero outside the image. Zero padding "
+        "made KID measure how near the border a defect lies (bench/RESULTS.md (t))",
     )
     ic_lpips_ratio_min: NonNegative | None = Field(
         default=0.1,

@@ -4,7 +4,8 @@ For each (category, type), fits the mask DDPM under the profile's ``masks.genera
 and under a baseline setting (by default the whole-image 64-px generator of the
 previous default), samples ``--n`` masks through the same rejection rules as the
 factory, and prints per type: skeleton length (px at the mask size), pieces (8-connected
-components) and area of the masks against the few-shot ones, and the fit seconds with
+components), median elongation (:func:`masks.elongation`)
+and area of the masks against the few-shot ones, the fallbacks, and the fit seconds with
 their ratio to the baseline's, fitted in the same process on one thread.
 
     .venv/bin/python bench/masks.py --types nut_demo:scratch,tile_demo:crack
@@ -39,6 +40,7 @@ def shape_stats(masks: list[np.ndarray]) -> dict[str, float]:
     return {
         "skeleton_px": float(np.mean([skeletonize(m).sum() for m in masks])),
         "pieces": float(np.mean([M.piece_count(m) for m in masks])),
+        "elongation": float(np.median([M.elongation(m) for m in masks])),
         "area_x1e3": float(np.mean([m.mean() for m in masks]) * 1e3),
     }
 
@@ -64,6 +66,7 @@ def main() -> None:
             update={
                 "generator": cfg.masks.generator.model_copy(update=BASELINE),
                 "max_pieces_vs_fewshot": False,
+                "min_elongation_vs_fewshot": 0.0,
             }
         ),
         "profile": cfg.masks,
@@ -89,6 +92,7 @@ def main() -> None:
                 derive_seed(section.seed, category, anomaly_type),
                 min_area=M.fewshot_min_area(section, paths),
                 max_pieces=M.fewshot_max_pieces(section, paths),
+                min_elongation=M.fewshot_min_elongation(section, paths),
             )
             masks = src.masks(args.n, size)
             rows.append(
@@ -99,6 +103,7 @@ def main() -> None:
                     "fit_s": round(fit_s, 1),
                     "fit_vs_baseline": round(fit_s / base_s, 2),
                     "rejected": sum(src.rejected.values()),
+                    "fallbacks": len(src.fallback_used),
                 }
             )
     report("mask_generator", rows, work / "masks.json", baseline=BASELINE)

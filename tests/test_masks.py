@@ -314,3 +314,57 @@ def test_max_pieces_comes_from_the_fewshot_masks(tmp_path):
     assert M.fewshot_max_pieces(MasksSection(max_pieces_vs_fewshot=True), paths) == 2
     assert M.fewshot_max_pieces(MasksSection(max_pieces_vs_fewshot=True), paths[:1]) == 1
     assert M.fewshot_max_pieces(MasksSection(), paths) is None
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0, 90.0, 135.0])
+def test_elongation_is_length_over_width_at_any_angle(angle):
+    """A 40 x 4 px box at any angle (41 x 5 px filled) is about 8.2 long per wide; a disc 4/pi."""
+    import cv2
+
+    stroke = np.zeros((96, 96), np.uint8)
+    corners = cv2.boxPoints(((48.0, 48.0), (40.0, 4.0), angle))
+    cv2.fillPoly(stroke, [np.round(corners).astype(np.int32)], 1)
+    assert M.elongation(stroke > 0) == pytest.approx(41 / 5, rel=0.06)  # filled with its edges
+    disc = np.zeros((96, 96), np.uint8)
+    cv2.circle(disc, (48, 48), 15, 1, -1)
+    assert M.elongation(disc > 0) == pytest.approx(4 / np.pi, rel=0.05)
+    assert M.elongation(np.zeros((8, 8), bool)) == 0.0
+
+
+class _StubGenerator(_TwoDotGenerator):
+    """Every sample is a 4 x 4 stub (elongation 1)."""
+
+    def sample_soft(self, seeds):
+        import torch
+
+        soft = torch.zeros((len(seeds), 1, 32, 32))
+        soft[:, :, 14:18, 14:18] = 1.0
+        return soft
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_stubs_less_elongated_than_the_few_shot_strokes_are_rejected(tmp_path, ratio):
+    """masks.min_elongation_vs_fewshot: with few-shot strokes 16 x 2 (elongation 8), a
+    4 x 4 stub is rejected as 'elongation' at ratios whose bound (8 x ratio) exceeds 1,
+    and the few-shot fallback stands in; at 0 it is kept."""
+    section = MaskGeneratorSection(resolution=32, batch_size=4)
+    cfg = MasksSection(
+        seed=0,
+        generator=section,
+        min_area=0.001,
+        max_tries_per_mask=3,
+        min_elongation_vs_fewshot=ratio,
+    )
+    strokes = [_mask(box=(10, 12, 8, 24)), _mask(box=(4, 20, 20, 22))]
+    for k, m in enumerate(strokes):
+        save_png(tmp_path / f"{k}.png", m.astype(np.uint8) * 255)
+    bound = M.fewshot_min_elongation(cfg, [str(tmp_path / f"{k}.png") for k in range(2)])
+    assert bound == pytest.approx(ratio * 8.0)
+    src = M.GeneratorMaskSource(
+        _StubGenerator(section), cfg, 0, np.stack(strokes), min_elongation=bound
+    )
+    masks = src.masks(2, 32)
+    kept = ratio == 0.0
+    assert src.rejected["elongation"] == (0 if kept else 2 * 3)
+    assert src.fallback_used == (set() if kept else {0, 1})
+    assert all((M.elongation(m) == 1.0) == kept for m in masks)

@@ -120,6 +120,26 @@ def test_defect_crops_are_translation_invariant_and_see_orientation() -> None:
     assert crop.shape == (16, 16, 3) and 0 < cover.mean() < 1
 
 
+def test_an_inside_crop_at_a_border_holds_image_pixels_and_the_whole_defect() -> None:
+    """``inside``: a defect at the image's corner gets the window moved in by exactly the
+    overhang (the known crop of the image), not zero padding; in the middle the two
+    windows are the same crop; a window larger than the image is still zero-padded."""
+    img, mask = _textured((64, 64, 3)) // 2 + 100, np.zeros((64, 64), bool)  # no zero pixel
+    mask[0:4, 1:9] = True  # box 4 x 8 at the top-left: side 8 * 2 = 16
+    padded, _ = defect_crop(img, mask, 16, context=0.5)
+    crop, cover = defect_crop(img, mask, 16, context=0.5, inside=True)
+    assert padded.min() == 0 and crop.min() >= 100
+    np.testing.assert_array_equal(crop, img[0:16, 0:16].astype(np.float32))  # moved in
+    assert cover.sum() == mask.sum()  # the whole defect, off-centre
+    middle = np.roll(mask, (30, 30), axis=(0, 1))
+    np.testing.assert_array_equal(
+        defect_crop(img, middle, 16, 0.5, inside=True)[0], defect_crop(img, middle, 16, 0.5)[0]
+    )
+    wide = np.zeros((64, 64), bool)
+    wide[0:2, 2:40] = True  # side 38 * 2 = 76 > 64
+    assert defect_crop(img, wide, 16, 0.5, inside=True)[0].min() == 0
+
+
 # --------------------------------------------------------------------------- duplicates
 def test_near_duplicates_need_the_same_mask_and_the_same_pixels() -> None:
     normal = _textured((64, 64, 3))

@@ -224,14 +224,16 @@ def normal_foreground(cfg: FactoryConfig, normal: np.ndarray) -> tuple[np.ndarra
 
 # --------------------------------------------------------------------------- memorisation
 def defect_crop(
-    image: np.ndarray, mask: np.ndarray, size: int, context: float
+    image: np.ndarray, mask: np.ndarray, size: int, context: float, inside: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """A square crop centred on the mask's box, resized to ``size``: (float32 RGB, coverage).
 
     The side is the box's longer side times ``1 + 2 * context``. The window is centred
     exactly (sub-pixel), so a defect moved by whole pixels, flipped or turned by 90
     degrees gives the same crop up to the same move. Outside the image the crop is zero
-    with zero coverage.
+    with zero coverage. ``inside``: a window that fits in the image is moved, the least
+    it must, to lie within it, so the crop holds only image pixels (the defect then
+    sits off-centre).
     """
     mask = np.asarray(mask, bool)
     ys, xs = np.nonzero(mask)
@@ -239,7 +241,12 @@ def defect_crop(
         raise ValueError("defect_crop: empty mask")
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     side = max(1, math.ceil((max(y1 - y0, x1 - x0) + 1) * (1 + 2 * context)))
-    centre = ((x0 + x1) / 2 + side, (y0 + y1) / 2 + side)  # in the zero-padded image
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    h, w = mask.shape
+    if inside and side <= min(h, w):  # the window's first and last pixel centres in the image
+        half = (side - 1) / 2
+        cx, cy = min(max(cx, half), w - 1 - half), min(max(cy, half), h - 1 - half)
+    centre = (cx + side, cy + side)  # in the zero-padded image
     pad = dict(top=side, bottom=side, left=side, right=side, borderType=cv2.BORDER_CONSTANT)
     rgb = cv2.copyMakeBorder(np.ascontiguousarray(image[..., :3], np.float32), value=0, **pad)
     cover = cv2.copyMakeBorder(mask.astype(np.float32), value=0, **pad)

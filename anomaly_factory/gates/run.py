@@ -154,7 +154,7 @@ def region_kids(
             continue
         if shape is not None:
             image, mask = as_trained(image, mask, shape)
-        crops.append(region_crop(image, mask, t.region_size, t.region_context))
+        crops.append(region_crop(image, mask, t.region_size, t.region_context, t.region_window))
     real_f = extractor.features(crops) if crops else np.zeros((0, 1))
     gen_f = extractor.features(sets.generated) if sets.generated else np.zeros((0, 1))
     out: dict[str, Any] = {"generated": kid_all_images(real_f, gen_f).as_dict()}
@@ -260,6 +260,7 @@ def compute_metrics(
             "references": list(g.type_gates.kid_references),
             "region_size": g.type_gates.region_size,
             "region_context": g.type_gates.region_context,
+            "region_window": g.type_gates.region_window,
             "real": "the type's real anomaly images (gates.kid.real_split) at the pairs' size",
             "estimator": "unbiased MMD^2, polynomial kernel, all images (no subsets)",
             "tie_se": g.type_gates.kid_tie_se,

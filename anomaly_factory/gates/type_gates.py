@@ -36,9 +36,12 @@ from anomaly_factory.generators.baselines.cutpaste import _jitter
 REFERENCE_SEED = 0  # CutPaste references are seeded per pair index: reruns give the same set
 
 
-def region_crop(image: np.ndarray, mask: np.ndarray, size: int, context: float) -> np.ndarray:
-    """The defect and its surroundings: a square uint8 crop around the mask's box."""
-    crop, _ = defect_crop(image, mask, size, context)
+def region_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, context: float, window: str = "inside"
+) -> np.ndarray:
+    """The defect and its surroundings: a square uint8 crop around the mask's box, kept
+    within the image by default (``type_gates.region_window``)."""
+    crop, _ = defect_crop(image, mask, size, context, inside=window == "inside")
     return np.clip(crop, 0, 255).round().astype(np.uint8)
 
 
@@ -76,13 +79,18 @@ def region_sets(
     t = cfg.gates.type_gates
     generated, refs = [], {name: [] for name in t.kid_references}
     for i, (image, mask, normal) in enumerate(pairs):
-        generated.append(region_crop(image, mask, t.region_size, t.region_context))
+
+        def crop(picture: np.ndarray, mask: np.ndarray = mask) -> np.ndarray:
+            return region_crop(picture, mask, t.region_size, t.region_context, t.region_window)
+
+        generated.append(crop(image))
         if "normals" in refs:
-            refs["normals"].append(region_crop(normal, mask, t.region_size, t.region_context))
+            refs["normals"].append(crop(normal))
         if "cutpaste" in refs:
             rng = np.random.default_rng([REFERENCE_SEED, i])
-            pasted = cutpaste_at_mask(normal, mask, rng, cfg.baselines.cutpaste.jitter)
-            refs["cutpaste"].append(region_crop(pasted, mask, t.region_size, t.region_context))
+            refs["cutpaste"].append(
+                crop(cutpaste_at_mask(normal, mask, rng, cfg.baselines.cutpaste.jitter))
+            )
     return RegionSets(generated, refs)
 
 

@@ -127,6 +127,35 @@ def fewshot_max_pieces(cfg: MasksSection, mask_paths: list[str]) -> int | None:
     return max(piece_count(read_mask(Path(p))) for p in mask_paths)
 
 
+def elongation(mask: np.ndarray) -> float:
+    """Length over width of a mask: the long side of its minimum-area rotated box, squared,
+    over its area (a w-wide stroke of length l gives about l / w; a disc 1.27).
+
+    Rotation- and scale-invariant, so few-shot masks read at their own resolution compare
+    with generated ones at the pairs'. 0 for an empty mask.
+
+    >>> bar = np.zeros((32, 32), bool); bar[10:12, 4:28] = True
+    >>> round(elongation(bar), 1)
+    12.0
+    """
+    import cv2
+
+    points = cv2.findNonZero(np.asarray(mask, np.uint8))
+    if points is None:
+        return 0.0
+    long_side = max(cv2.minAreaRect(points)[1]) + 1  # pixel centres: a 1-px line has side 0
+    return float(long_side**2 / np.count_nonzero(mask))
+
+
+def fewshot_min_elongation(cfg: MasksSection, mask_paths: list[str]) -> float:
+    """The least elongation a generated mask may have: ``min_elongation_vs_fewshot`` of the
+    least elongated few-shot mask's (0 when off: blobs and strokes alike pass)."""
+    if cfg.min_elongation_vs_fewshot == 0 or not mask_paths:
+        return 0.0
+    least = min(elongation(read_mask(Path(p))) for p in mask_paths)
+    return cfg.min_elongation_vs_fewshot * least
+
+
 def fewshot_masks(
     manifest_path: Path, category: str, anomaly_type: str, size: int
 ) -> tuple[np.ndarray, list[str]]:
@@ -363,11 +392,19 @@ class GeneratorMaskSource:
         fallback: np.ndarray | None = None,
         min_area: float = 0.0,
         max_pieces: int | None = None,
+        min_elongation: float = 0.0,
     ):
         self.generator, self.cfg, self.seed = generator, cfg, seed
         self.min_area = min_area  # besides cfg.min_area: from the few-shot masks
         self.max_pieces = max_pieces  # from the few-shot masks; None: any number
-        self.rejected: dict[str, int] = {"empty": 0, "area": 0, "border": 0, "pieces": 0}
+        self.min_elongation = min_elongation  # from the few-shot masks; 0: any shape
+        self.rejected: dict[str, int] = {
+            "empty": 0,
+            "area": 0,
+            "border": 0,
+            "pieces": 0,
+            "elongation": 0,
+        }
         # few-shot masks (N, H, W) to augment when the generator keeps failing
         self.fallback = fallback
         self.fallback_used: set[int] = set()
@@ -399,6 +436,8 @@ class GeneratorMaskSource:
                 reason = _accept(m, self.cfg, self.min_area)
                 if reason is None and self.max_pieces is not None:
                     reason = "pieces" if piece_count(m) > self.max_pieces else None
+                if reason is None and elongation(m) < self.min_elongation:
+                    reason = "elongation"
                 if reason is None:
                     found[i] = m
                 else:
@@ -523,7 +562,13 @@ def mask_source(
     fewshot, paths = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
     fallback = fewshot if cfg.fallback_to_fewshot else None
     return GeneratorMaskSource(
-        gen, cfg, seed, fallback, fewshot_min_area(cfg, paths), fewshot_max_pieces(cfg, paths)
+        gen,
+        cfg,
+        seed,
+        fallback,
+        fewshot_min_area(cfg, paths),
+        fewshot_max_pieces(cfg, paths),
+        fewshot_min_elongation(cfg, paths),
     )
 
 
