@@ -10,8 +10,9 @@ and masks*:
   (CutPaste, Li et al. 2021, at the generator's own masks).
 
 KID is measured on crops around the defect (``type_gates.region_size`` px, with
-``region_context`` of margin) against the same crops of the type's real anomaly
-images, with the same extractor and the same seeded subsets, so the comparison is
+``region_context`` of margin, moved to stay within the image: zero padding at the
+borders made KID measure where defects lie, not what they look like) against the same
+crops of the type's real anomaly images, with the same extractor and the same seeded subsets, so the comparison is
 paired. A generator whose defects are no closer to the real ones than "nothing" or
 "a pasted patch" fails. Whole-image KID (the papers' number) is kept in
 ``metrics.json`` and gated absolutely only where the weights make it comparable.

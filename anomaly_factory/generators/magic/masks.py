@@ -8,8 +8,10 @@ distribution rather than copies. Sampling uses DDIM (eta 0), so a mask is a
 deterministic function of its seed. Samples are upsampled, thresholded (0.8 in
 AnomalyDiffusion's generator) and rejected when empty, outside
 ``masks.min_area .. max_area``, covering more than ``max_border_fraction`` of
-any image border, or (``max_pieces_vs_fewshot``) broken into more pieces than
-any few-shot mask.
+any image border, (``max_pieces_vs_fewshot``) broken into more pieces than
+any few-shot mask, or (``min_elongation_vs_fewshot``) less elongated than the least
+elongated few-shot mask: the small DDPM draws thin strokes shorter and thicker than
+its examples, and the stubs among its samples are not the type's defect (bench/RESULTS.md (t)).
 
 ``masks.generator.window`` says what the DDPM draws. ``image``: the whole image,
 so it learns shapes and positions at once. ``defect``: a square around each
