@@ -12,10 +12,11 @@ and masks*:
 KID is measured on crops around the defect (``type_gates.region_size`` px, with
 ``region_context`` of margin, moved to stay within the image: zero padding at the
 borders made KID measure where defects lie, not what they look like) against the same
-crops of the type's real anomaly images, with the same extractor and the same seeded subsets, so the comparison is
-paired. A generator whose defects are no closer to the real ones than "nothing" or
-"a pasted patch" fails. Whole-image KID (the papers' number) is kept in
-``metrics.json`` and gated absolutely only where the weights make it comparable.
+crops of the type's real anomaly images, with the same extractor and the same seeded
+subsets, so the comparison is paired. A generator whose defects are no closer to the
+real ones than "nothing" or "a pasted patch" fails. Whole-image KID (the papers' number)
+is kept in ``metrics.json`` and gated absolutely only where the weights make it
+comparable.
 
 Diversity: IC-LPIPS of the generated images must reach ``ic_lpips_ratio_min`` of the
 real test anomalies' own IC-LPIPS (same network, same few-shot clusters).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -38,7 +39,11 @@ REFERENCE_SEED = 0  # CutPaste references are seeded per pair index: reruns give
 
 
 def region_crop(
-    image: np.ndarray, mask: np.ndarray, size: int, context: float, window: str = "inside"
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    context: float,
+    window: Literal["inside", "centred"] = "inside",
 ) -> np.ndarray:
     """The defect and its surroundings: a square uint8 crop around the mask's box, kept
     within the image by default (``type_gates.region_window``)."""

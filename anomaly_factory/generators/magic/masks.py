@@ -11,7 +11,8 @@ AnomalyDiffusion's generator) and rejected when empty, outside
 any image border, (``max_pieces_vs_fewshot``) broken into more pieces than
 any few-shot mask, or (``min_elongation_vs_fewshot``) less elongated than the least
 elongated few-shot mask: the small DDPM draws thin strokes shorter and thicker than
-its examples, and the stubs among its samples are not the type's defect (bench/RESULTS.md (t)).
+its examples, and the stubs among its samples are not the type's defect
+(bench/RESULTS.md (t)).
 
 ``masks.generator.window`` says what the DDPM draws. ``image``: the whole image,
 so it learns shapes and positions at once. ``defect``: a square around each
