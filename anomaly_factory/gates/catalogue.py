@@ -71,7 +71,8 @@ def gate_catalogue(
                 "type",
                 f"KID(defect regions) < KID({ref} at the same masks) + "
                 f"{g.type_gates.kid_tie_se:g} SE",
-                f"{extractor}, {g.type_gates.region_size} px region crops",
+                f"{extractor}, {g.type_gates.region_size} px region crops "
+                f"({g.type_gates.region_window} window)",
                 None if ref in refs else f"{ref!r} is not in gates.type_gates.kid_references",
             )
         )
