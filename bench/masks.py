@@ -90,9 +90,7 @@ def main() -> None:
                 gen,
                 section,
                 derive_seed(section.seed, category, anomaly_type),
-                min_area=M.fewshot_min_area(section, paths),
-                max_pieces=M.fewshot_max_pieces(section, paths),
-                min_elongation=M.fewshot_min_elongation(section, paths),
+                bounds=M.fewshot_bounds(section, paths),
             )
             masks = src.masks(args.n, size)
             rows.append(

@@ -233,9 +233,10 @@ def test_specks_under_half_the_smallest_fewshot_mask_are_rejected(tmp_path, rati
     )
     fewshot = _mask(box=(8, 12, 20, 24))  # 16 px
     Image.fromarray(fewshot.astype(np.uint8) * 255).save(tmp_path / "000_mask.png")
-    min_area = M.fewshot_min_area(cfg, [str(tmp_path / "000_mask.png")])
+    min_area = M.fewshot_bounds(cfg, [str(tmp_path / "000_mask.png")]).min_area
     assert min_area == pytest.approx(ratio * 16 / 32**2)
-    src = M.GeneratorMaskSource(_SpeckGenerator(section), cfg, 0, fewshot[None], min_area)
+    bounds = M.FewshotBounds(min_area=min_area)
+    src = M.GeneratorMaskSource(_SpeckGenerator(section), cfg, 0, fewshot[None], bounds)
     masks = src.masks(2, 32)
     assert [int(m.sum()) for m in masks] == ([4, 4] if specks_kept else [16, 16])
     assert src.rejected["area"] == (0 if specks_kept else 2 * 2)
@@ -296,7 +297,7 @@ def test_masks_in_more_pieces_than_the_few_shot_ones_are_rejected(max_pieces):
     cfg = MasksSection(seed=0, generator=section, min_area=0.001, max_tries_per_mask=3)
     fewshot = _mask(box=(10, 20, 12, 16))[None]
     src = M.GeneratorMaskSource(
-        _TwoDotGenerator(section), cfg, seed=0, fallback=fewshot, max_pieces=max_pieces
+        _TwoDotGenerator(section), cfg, 0, fewshot, M.FewshotBounds(max_pieces=max_pieces)
     )
     masks = src.masks(2, 32)
     broken = max_pieces == 1
@@ -311,9 +312,10 @@ def test_max_pieces_comes_from_the_fewshot_masks(tmp_path):
     for name, m in (("one", one), ("two", two)):
         save_png(tmp_path / f"{name}.png", m.astype(np.uint8) * 255)
     paths = [str(tmp_path / "one.png"), str(tmp_path / "two.png")]
-    assert M.fewshot_max_pieces(MasksSection(max_pieces_vs_fewshot=True), paths) == 2
-    assert M.fewshot_max_pieces(MasksSection(max_pieces_vs_fewshot=True), paths[:1]) == 1
-    assert M.fewshot_max_pieces(MasksSection(), paths) is None
+    on = MasksSection(max_pieces_vs_fewshot=True)
+    assert M.fewshot_bounds(on, paths).max_pieces == 2
+    assert M.fewshot_bounds(on, paths[:1]).max_pieces == 1
+    assert M.fewshot_bounds(MasksSection(), paths).max_pieces is None
 
 
 @pytest.mark.parametrize("angle", [0.0, 30.0, 90.0, 135.0])
@@ -358,10 +360,11 @@ def test_stubs_less_elongated_than_the_few_shot_strokes_are_rejected(tmp_path, r
     strokes = [_mask(box=(10, 12, 8, 24)), _mask(box=(4, 20, 20, 22))]
     for k, m in enumerate(strokes):
         save_png(tmp_path / f"{k}.png", m.astype(np.uint8) * 255)
-    bound = M.fewshot_min_elongation(cfg, [str(tmp_path / f"{k}.png") for k in range(2)])
+    paths = [str(tmp_path / f"{k}.png") for k in range(2)]
+    bound = M.fewshot_bounds(cfg, paths).min_elongation
     assert bound == pytest.approx(ratio * 8.0)
     src = M.GeneratorMaskSource(
-        _StubGenerator(section), cfg, 0, np.stack(strokes), min_elongation=bound
+        _StubGenerator(section), cfg, 0, np.stack(strokes), M.FewshotBounds(min_elongation=bound)
     )
     masks = src.masks(2, 32)
     kept = ratio == 0.0

@@ -85,19 +85,6 @@ def _accept(mask: np.ndarray, cfg: MasksSection, min_area: float = 0.0) -> str |
     )
 
 
-def fewshot_min_area(cfg: MasksSection, mask_paths: list[str]) -> float:
-    """The least area a generated mask may have: ``min_area_vs_fewshot`` of the smallest
-    few-shot mask's area (fractions of the image, read at the masks' own resolution).
-
-    >>> fewshot_min_area(MasksSection(min_area_vs_fewshot=0.0), ["never/read.png"])
-    0.0
-    """
-    if cfg.min_area_vs_fewshot == 0 or not mask_paths:
-        return 0.0
-    smallest = min(float(read_mask(Path(p)).mean()) for p in mask_paths)
-    return cfg.min_area_vs_fewshot * smallest
-
-
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Resize a bool mask to ``size`` x ``size``, keeping thin defects (half-covered cells,
     plus every cell a thinner-than-a-cell part crosses).
@@ -122,14 +109,6 @@ def piece_count(mask: np.ndarray) -> int:
     return int(cv2.connectedComponents(np.asarray(mask, np.uint8), connectivity=8)[0]) - 1
 
 
-def fewshot_max_pieces(cfg: MasksSection, mask_paths: list[str]) -> int | None:
-    """The most pieces a generated mask may have (``max_pieces_vs_fewshot``): as many as
-    the most fragmented few-shot mask, read at its own resolution; None when off."""
-    if not cfg.max_pieces_vs_fewshot or not mask_paths:
-        return None
-    return max(piece_count(read_mask(Path(p))) for p in mask_paths)
-
-
 def elongation(mask: np.ndarray) -> float:
     """Length over width of a mask: the long side of its minimum-area rotated box, squared,
     over its area (a w-wide stroke of length l gives about l / w; a disc 1.27).
@@ -150,13 +129,32 @@ def elongation(mask: np.ndarray) -> float:
     return float(long_side**2 / np.count_nonzero(mask))
 
 
-def fewshot_min_elongation(cfg: MasksSection, mask_paths: list[str]) -> float:
-    """The least elongation a generated mask may have: ``min_elongation_vs_fewshot`` of the
-    least elongated few-shot mask's (0 when off: blobs and strokes alike pass)."""
-    if cfg.min_elongation_vs_fewshot == 0 or not mask_paths:
-        return 0.0
-    least = min(elongation(read_mask(Path(p))) for p in mask_paths)
-    return cfg.min_elongation_vs_fewshot * least
+@dataclass(frozen=True)
+class FewshotBounds:
+    """Rejection bounds read off a type's few-shot masks, at the masks' own resolution
+    (the defaults reject nothing)."""
+
+    min_area: float = 0.0  # ``min_area_vs_fewshot`` x the smallest mask's area (image fraction)
+    max_pieces: int | None = None  # ``max_pieces_vs_fewshot``: the most pieces of any mask
+    min_elongation: float = 0.0  # ``min_elongation_vs_fewshot`` x the least elongated mask's
+
+
+def fewshot_bounds(cfg: MasksSection, mask_paths: list[str]) -> FewshotBounds:
+    """The few-shot rejection bounds of one type; the masks are read once, and not at all
+    when every few-shot rule is off.
+
+    >>> fewshot_bounds(MasksSection(), ["never/read.png"])
+    FewshotBounds(min_area=0.0, max_pieces=None, min_elongation=0.0)
+    """
+    on = cfg.min_area_vs_fewshot or cfg.max_pieces_vs_fewshot or cfg.min_elongation_vs_fewshot
+    if not on or not mask_paths:
+        return FewshotBounds()
+    masks = [read_mask(Path(p)) for p in mask_paths]
+    return FewshotBounds(
+        min_area=cfg.min_area_vs_fewshot * min(float(m.mean()) for m in masks),
+        max_pieces=max(map(piece_count, masks)) if cfg.max_pieces_vs_fewshot else None,
+        min_elongation=cfg.min_elongation_vs_fewshot * min(map(elongation, masks)),
+    )
 
 
 def fewshot_masks(
@@ -393,14 +391,10 @@ class GeneratorMaskSource:
         cfg: MasksSection,
         seed: int,
         fallback: np.ndarray | None = None,
-        min_area: float = 0.0,
-        max_pieces: int | None = None,
-        min_elongation: float = 0.0,
+        bounds: FewshotBounds = FewshotBounds(),
     ):
         self.generator, self.cfg, self.seed = generator, cfg, seed
-        self.min_area = min_area  # besides cfg.min_area: from the few-shot masks
-        self.max_pieces = max_pieces  # from the few-shot masks; None: any number
-        self.min_elongation = min_elongation  # from the few-shot masks; 0: any shape
+        self.bounds = bounds  # besides cfg's own rules: from the few-shot masks
         self.rejected: dict[str, int] = {
             "empty": 0,
             "area": 0,
@@ -436,10 +430,10 @@ class GeneratorMaskSource:
                 # Absolute threshold only: a peak-relative fallback turned empty samples
                 # into 1-3 px corner dots that passed min_area (bench/RESULTS.md (k)).
                 m = self.generator.place(s, size, derive_seed(self.seed, i, j, "place"))
-                reason = _accept(m, self.cfg, self.min_area)
-                if reason is None and self.max_pieces is not None:
-                    reason = "pieces" if piece_count(m) > self.max_pieces else None
-                if reason is None and elongation(m) < self.min_elongation:
+                reason = _accept(m, self.cfg, self.bounds.min_area)
+                if reason is None and self.bounds.max_pieces is not None:
+                    reason = "pieces" if piece_count(m) > self.bounds.max_pieces else None
+                if reason is None and elongation(m) < self.bounds.min_elongation:
                     reason = "elongation"
                 if reason is None:
                     found[i] = m
@@ -469,7 +463,7 @@ class GeneratorMaskSource:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, i, j, "fallback"))
             k = int(torch.randint(0, len(base), (1,), generator=gen))
             candidate = _augment(base[k : k + 1], self.generator.section, gen)[0, 0].numpy() > 0
-            if _accept(candidate, self.cfg, self.min_area) is None:
+            if _accept(candidate, self.cfg, self.bounds.min_area) is None:
                 return candidate
         return candidate
 
@@ -564,15 +558,7 @@ def mask_source(
     gen = load_or_train_generator(cfg, manifest_path, category, anomaly_type, generator_dir)
     fewshot, paths = fewshot_masks(manifest_path, category, anomaly_type, cfg.generator.resolution)
     fallback = fewshot if cfg.fallback_to_fewshot else None
-    return GeneratorMaskSource(
-        gen,
-        cfg,
-        seed,
-        fallback,
-        fewshot_min_area(cfg, paths),
-        fewshot_max_pieces(cfg, paths),
-        fewshot_min_elongation(cfg, paths),
-    )
+    return GeneratorMaskSource(gen, cfg, seed, fallback, fewshot_bounds(cfg, paths))
 
 
 def nearest_iou(masks: list[np.ndarray], train: np.ndarray) -> np.ndarray:

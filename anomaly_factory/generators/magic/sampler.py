@@ -297,7 +297,8 @@ def magic_inpaint(
     if options.init_latents == "noised_image":
         latents = pipe.scheduler.add_noise(z0, noise, timesteps[:1])
 
-    drawn = grow_cells(mask_latent, options.blend_known_margin)  # cells blend_known leaves
+    if options.blend_known:  # the cells it leaves to the UNet
+        drawn = grow_cells(mask_latent, options.blend_known_margin)
     # 4. denoising loop
     w_in = sag_schedule(options.w_m, options.w_d, len(timesteps)).tolist()
     for i, t in enumerate(timesteps):
